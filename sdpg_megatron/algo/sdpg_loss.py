@@ -1,0 +1,134 @@
+"""The SDPG objective for one mini-batch (METHOD.md, "Loss for rollout step k").
+
+    L = (1 / Σ_i |y_i|) · Σ_{i,t} [ ℓ_out + β(k) · m_i · ℓ_OPD + α · f_K ]
+
+Every baseline of METHOD.md's table is an `AlgorithmConfig` setting of this one function:
+GRPO turns OPD and the anchor off (its KL lives in the reward, see
+`kl_penalized_rewards`), RLSD reweights the per-token advantage with the teacher's view of
+the sampled token, OPCD turns the outcome term off and the gate off.
+
+All per-token tensors are flat [T] over the local micro-batch's token slots; the mask
+zeroes prompt and padding slots. `num_tokens` is the normaliser Σ_i |y_i| over the whole
+mini-batch (every data-parallel rank and micro-batch), passed in so the sum of the
+returned losses over micro-batches and ranks is the token-mean of the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdpg_megatron.algo.advantages import rlsd_lambda, rlsd_token_advantages
+from sdpg_megatron.algo.policy_loss import clipped_outcome_loss
+from sdpg_megatron.algo.reference_kl import anchor_penalty
+from sdpg_megatron.algo.schedules import distill_weight
+from sdpg_megatron.config import AlgorithmConfig
+
+
+def current_beta(config: AlgorithmConfig, step: int, total_steps: int) -> float:
+    """β(k) for this config: the warmup–decay schedule or a constant β_base."""
+    if config.beta_schedule == "constant":
+        return config.beta_base
+    return distill_weight(
+        step, total_steps, config.beta_base, config.beta_warmup_steps, config.beta_decay_steps
+    )
+
+
+def sdpg_loss(
+    *,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    step: int,
+    total_steps: int,
+    config: AlgorithmConfig,
+    reverse_kl: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    num_tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SDPG loss and detached metrics.
+
+    Args:
+        logprobs: [T] log π_θ(y_t), differentiable.
+        old_logprobs: [T] log π_old(y_t) (rollout policy).
+        advantages: [T] per-token advantage (A_i broadcast over response i).
+        mask: [T] 1 for response tokens, 0 for prompt/padding slots.
+        step: rollout step k (1-based); total_steps: T.
+        config: the algorithm section (a preset or a custom setting).
+        reverse_kl: [T] exact full-vocabulary KL(p ‖ SG q), differentiable in p; required
+            when β(k) > 0.
+        ref_logprobs: [T] log π_ref(y_t); required when the anchor is on.
+        teacher_logprobs: [T] log q(y_t); required for RLSD reweighting.
+        entropy: [T] per-token entropy, only reported.
+        num_tokens: Σ_i |y_i| over the whole mini-batch; defaults to mask.sum().
+
+    Returns:
+        (loss, metrics): scalar loss already divided by num_tokens; metrics are detached
+        token-means over this micro-batch's mask (and β, which is a plain value).
+    """
+    mask = mask.to(logprobs.dtype)
+    if num_tokens is None:
+        num_tokens = mask.sum()
+    zero = torch.zeros_like(logprobs)
+    metrics: dict[str, torch.Tensor] = {}
+
+    def token_mean(values: torch.Tensor) -> torch.Tensor:
+        return ((values.detach() * mask).sum() / mask.sum().clamp_min(1.0)).detach()
+
+    per_token = zero
+    if config.use_outcome:
+        token_advantages = advantages.detach()
+        if config.advantage_reweighting == "rlsd":
+            if teacher_logprobs is None:
+                raise ValueError("teacher_logprobs is required for RLSD advantage reweighting")
+            mix = rlsd_lambda(
+                step, lambda_base=config.rlsd_lambda_base, decay_steps=config.rlsd_lambda_steps
+            )
+            token_advantages = rlsd_token_advantages(
+                token_advantages, teacher_logprobs, old_logprobs,
+                mix=mix, clip=config.rlsd_clip, log_ratio_clamp=config.log_ratio_clamp,
+            )
+        outcome = clipped_outcome_loss(
+            logprobs, old_logprobs, token_advantages,
+            clip_low=config.clip_low, clip_high=config.clip_high,
+            dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
+        )
+        per_token = per_token + outcome.loss
+        metrics["outcome_loss"] = token_mean(outcome.loss)
+        metrics["ratio_mean"] = token_mean(outcome.ratio)
+        metrics["clip_frac_low"] = token_mean(outcome.clipped_low.to(mask.dtype))
+        metrics["clip_frac_high"] = token_mean(outcome.clipped_high.to(mask.dtype))
+        metrics["dual_clip_frac"] = token_mean(outcome.dual_clipped.to(mask.dtype))
+
+    beta = current_beta(config, step, total_steps)
+    metrics["beta"] = torch.tensor(beta, dtype=torch.float64)
+    if reverse_kl is not None:
+        metrics["opd_kl"] = token_mean(reverse_kl)
+    if beta > 0:
+        if reverse_kl is None:
+            raise ValueError(f"reverse_kl is required: β(k={step}) = {beta:g} > 0")
+        if config.gate == "positive_advantage":
+            gate = (advantages.detach() > 0).to(logprobs.dtype)
+        else:
+            gate = torch.ones_like(logprobs)
+        per_token = per_token + beta * gate * reverse_kl
+        metrics["gate_frac"] = token_mean(gate)
+
+    if config.anchor != "none" and config.alpha > 0:
+        if ref_logprobs is None:
+            raise ValueError(f"ref_logprobs is required by the {config.anchor} anchor")
+        penalty = anchor_penalty(logprobs, ref_logprobs, config.anchor)
+        per_token = per_token + config.alpha * penalty
+        metrics["anchor"] = token_mean(penalty)
+    if ref_logprobs is not None:
+        # k3 estimate of KL(π_θ ‖ π_ref) on sampled tokens, for monitoring.
+        log_w = (logprobs - ref_logprobs).detach()
+        metrics["ref_kl_k3"] = token_mean(torch.exp(-log_w) - 1.0 + log_w)
+    if entropy is not None:
+        metrics["entropy"] = token_mean(entropy)
+
+    loss = (per_token * mask).sum() / num_tokens
+    metrics["loss"] = loss.detach()
+    return loss, metrics

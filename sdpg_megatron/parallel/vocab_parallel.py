@@ -1,0 +1,395 @@
+"""Fused, vocab-parallel, chunked per-token statistics: log-prob, entropy, exact reverse KL.
+
+The output-layer weight W is sharded over the tensor-parallel group by vocabulary rows
+(Megatron's column-parallel output layer: rank r holds rows [r·V/tp, (r+1)·V/tp) of the
+padded vocabulary). For N tokens with student hidden states h_s and (detached) teacher
+hidden states h_t, this computes, without ever holding [N, V/tp] logits:
+
+    log p(y_n)                      p = softmax(h_s Wᵀ / τ) over the true vocabulary
+    H(p_n)    = −Σ_a p log p
+    KL(p_n ‖ SG q_n) = Σ_a p (log p − log q),   q = softmax(h_t Wᵀ / τ), fully detached
+
+Forward, per chunk of tokens, each rank computes its logit slice once for each view and
+keeps five numbers per token, centred on its *local* maxima m (so no cancellation between
+large logits): S = Σ e^{z−m}, Sₜ, A = Σ e^{zₛ−mₛ}((zₛ−mₛ) − (zₜ−mₜ)), B = Σ e^{zₛ−mₛ}(zₛ−mₛ)
+and the raw target logit. After the last chunk, exactly two collectives finish the job: a
+MAX over the [2N] local maxima, then — after rescaling each rank's partials to the global
+maxima — a SUM over [5N]. Backward recomputes each chunk's logits and produces
+
+    ∂/∂zₐ = g_lp (1[a=y] − pₐ) − g_H pₐ (log pₐ + H) + g_KL pₐ (log pₐ − log qₐ − KL)
+
+then ∂h = ∂z W / τ (all-reduced over the group, as Megatron's column-parallel output
+layer does for its replicated input) and ∂W = ∂zᵀ h / τ for this rank's shard only. The
+teacher receives no gradient at all, not even through the shared W.
+
+Peak extra memory is O(chunk × V/tp); saved state is O(N) besides the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+_NUM_STATS_WITH_TEACHER = 5  # S_s, S_t, A (KL), B (entropy), target logit
+_NUM_STATS_STUDENT_ONLY = 3  # S_s, B, target logit
+
+
+class TokenStats(NamedTuple):
+    logprobs: torch.Tensor  # [N] log p(target), fp32
+    entropy: torch.Tensor  # [N] H(p), fp32
+    reverse_kl: torch.Tensor | None  # [N] KL(p ‖ SG q), fp32; None without a teacher
+
+
+def vocab_parallel_token_stats(
+    student_hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    target_ids: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    mask: torch.Tensor | None = None,
+    validate: bool = True,
+) -> TokenStats:
+    """Per-token log-prob, entropy and exact full-vocabulary reverse KL.
+
+    Args:
+        student_hidden: [N, H] final hidden states of the student view (replicated over
+            the TP group), differentiable.
+        weight_shard: [V/tp, H] this rank's rows of the output weight, differentiable.
+        target_ids: [N] global vocabulary ids of the sampled tokens.
+        teacher_hidden: [N, H] teacher hidden states at the same response positions, or
+            None for log-prob and entropy only. Always treated as detached.
+        group: the tensor-parallel process group; None means TP = 1 (no collectives).
+        vocab_size: the true vocabulary size; padded rows at or beyond it get no
+            probability mass. Defaults to the padded size V/tp · tp.
+        temperature: τ, the logits are divided by it (sampling temperature).
+        chunk_size: tokens per chunk; peak extra memory is O(chunk_size × V/tp).
+        mask: [N] bool/0-1, False slots return 0 and receive no gradient (their target
+            ids are ignored).
+        validate: check target ids against the vocabulary (one host sync).
+
+    Returns:
+        TokenStats of [N] fp32 tensors; each is differentiable w.r.t. student_hidden and
+        weight_shard.
+    """
+    tp_size = 1 if group is None else dist.get_world_size(group)
+    tp_rank = 0 if group is None else dist.get_rank(group)
+    _check_inputs(
+        student_hidden, weight_shard, target_ids, teacher_hidden, mask,
+        vocab_size=vocab_size, tp_size=tp_size, temperature=temperature, chunk_size=chunk_size,
+    )
+    shard_rows = weight_shard.shape[0]
+    padded_vocab = shard_rows * tp_size
+    vocab_size = padded_vocab if vocab_size is None else vocab_size
+    if mask is None:
+        mask = torch.ones_like(target_ids, dtype=torch.bool)
+    mask = mask.to(torch.bool)
+    if validate:
+        _check_target_range(target_ids, mask, vocab_size)
+    targets = torch.where(mask, target_ids, torch.zeros_like(target_ids))
+
+    vocab_start = tp_rank * shard_rows
+    valid_rows = max(0, min(shard_rows, vocab_size - vocab_start))
+    logprobs, entropy, reverse_kl = _VocabParallelTokenStats.apply(
+        student_hidden, weight_shard, targets, mask,
+        None if teacher_hidden is None else teacher_hidden.detach(),
+        group, vocab_start, valid_rows, float(temperature), int(chunk_size),
+    )
+    return TokenStats(logprobs, entropy, reverse_kl if teacher_hidden is not None else None)
+
+
+def split_vocab_shard(full_weight: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """Rows [r·V/tp, (r+1)·V/tp) of a padded [V, H] output weight, as Megatron shards it."""
+    if full_weight.dim() != 2:
+        raise ValueError(f"full_weight must be [V, H], got shape {tuple(full_weight.shape)}")
+    if tp_size < 1 or full_weight.shape[0] % tp_size != 0:
+        raise ValueError(
+            f"vocabulary of {full_weight.shape[0]} rows is not divisible by tp_size={tp_size}; "
+            "pad it with padded_vocab_size() first"
+        )
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank={tp_rank} is outside [0, {tp_size})")
+    rows = full_weight.shape[0] // tp_size
+    return full_weight[tp_rank * rows : (tp_rank + 1) * rows]
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
+    """Megatron's padding: the smallest multiple of `multiple · tp_size` ≥ vocab_size."""
+    if vocab_size < 1 or tp_size < 1 or multiple < 1:
+        raise ValueError(
+            f"vocab_size, tp_size and multiple must be >= 1, got {vocab_size}, {tp_size}, {multiple}"
+        )
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _VocabParallelTokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, student_hidden, weight_shard, targets, mask, teacher_hidden,
+        group, vocab_start, valid_rows, temperature, chunk_size,
+    ):
+        num_tokens = student_hidden.shape[0]
+        with_teacher = teacher_hidden is not None
+        weight = _compute_weight(weight_shard, valid_rows)
+        device = student_hidden.device
+        local_max = torch.empty(2 if with_teacher else 1, num_tokens, device=device)
+        num_stats = _NUM_STATS_WITH_TEACHER if with_teacher else _NUM_STATS_STUDENT_ONLY
+        partials = torch.zeros(num_stats, num_tokens, device=device)
+        target_local = targets - vocab_start
+        owns_target = (target_local >= 0) & (target_local < valid_rows)
+        target_local = target_local.clamp(0, max(valid_rows - 1, 0))
+
+        for start in range(0, num_tokens, chunk_size):
+            rows = slice(start, min(start + chunk_size, num_tokens))
+            student_logits = _chunk_logits(student_hidden[rows], weight, temperature)
+            stats = _centred_chunk_stats(student_logits)
+            local_max[0, rows] = stats.max
+            partials[0, rows] = stats.sum_exp
+            partials[-2, rows] = stats.sum_exp_times_logit
+            if valid_rows > 0:
+                picked = student_logits.gather(1, target_local[rows, None]).squeeze(1)
+                partials[-1, rows] = torch.where(owns_target[rows], picked + stats.max, 0.0)
+            if with_teacher:
+                teacher_logits = _chunk_logits(teacher_hidden[rows], weight, temperature)
+                teacher_max = _centre_in_place(teacher_logits)
+                local_max[1, rows] = teacher_max
+                partials[1, rows] = teacher_logits.exp().sum(dim=1)
+                # A = Σ e^{zₛ−mₛ}·((zₛ−mₛ) − (zₜ−mₜ)); teacher buffer reused for the difference.
+                difference = teacher_logits.neg_().add_(student_logits)
+                partials[2, rows] = _row_dot(stats.exp, difference)
+                del teacher_logits, difference
+            del student_logits, stats
+
+        # Collective 1: MAX over [2N] (student and teacher maxima).
+        global_max = local_max.clone()
+        if group is not None:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        # Rescale this rank's partials to the global maxima; a rank with no valid rows
+        # (all padding) has max −inf and contributes exactly 0.
+        has_rows = torch.isfinite(local_max)
+        shift = torch.where(has_rows, global_max - local_max, torch.zeros_like(local_max))
+        scale = torch.where(has_rows, torch.exp(-shift), torch.zeros_like(local_max))
+        rescaled = partials.clone()
+        rescaled[0] = partials[0] * scale[0]
+        rescaled[-2] = scale[0] * (partials[-2] - shift[0] * partials[0])
+        if with_teacher:
+            rescaled[1] = partials[1] * scale[1]
+            rescaled[2] = scale[0] * (partials[2] - (shift[0] - shift[1]) * partials[0])
+        # Collective 2: SUM over [5N] (or [3N] without a teacher).
+        if group is not None:
+            dist.all_reduce(rescaled, op=dist.ReduceOp.SUM, group=group)
+
+        log_sum_exp = torch.log(rescaled[0])
+        student_log_z = global_max[0] + log_sum_exp
+        logprobs = rescaled[-1] - student_log_z
+        entropy = log_sum_exp - rescaled[-2] / rescaled[0]
+        if with_teacher:
+            teacher_log_sum_exp = torch.log(rescaled[1])
+            teacher_log_z = global_max[1] + teacher_log_sum_exp
+            # KL = Σ p·((zₛ−Mₛ) − (zₜ−Mₜ)) − log Sₛ + log Sₜ, all centred on the global maxima.
+            reverse_kl = rescaled[2] / rescaled[0] - log_sum_exp + teacher_log_sum_exp
+        else:
+            teacher_log_z = None
+            reverse_kl = torch.zeros_like(logprobs)
+
+        zero = torch.zeros_like(logprobs)
+        logprobs = torch.where(mask, logprobs, zero)
+        entropy = torch.where(mask, entropy, zero)
+        reverse_kl = torch.where(mask, reverse_kl, zero)
+
+        ctx.save_for_backward(
+            student_hidden, weight_shard, teacher_hidden if with_teacher else None,
+            targets, mask, student_log_z, teacher_log_z, entropy, reverse_kl,
+        )
+        ctx.group = group
+        ctx.vocab_start = vocab_start
+        ctx.valid_rows = valid_rows
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        if not with_teacher:
+            ctx.mark_non_differentiable(reverse_kl)
+        return logprobs, entropy, reverse_kl
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, grad_reverse_kl):
+        (
+            student_hidden, weight_shard, teacher_hidden, targets, mask,
+            student_log_z, teacher_log_z, entropy, reverse_kl,
+        ) = ctx.saved_tensors
+        valid_rows, temperature = ctx.valid_rows, ctx.temperature
+        num_tokens = student_hidden.shape[0]
+        with_teacher = teacher_hidden is not None
+        zero = torch.zeros(num_tokens, device=student_hidden.device)
+
+        def upstream(grad):
+            return zero if grad is None else torch.where(mask, grad.float(), zero)
+
+        g_lp, g_h = upstream(grad_logprobs), upstream(grad_entropy)
+        g_kl = upstream(grad_reverse_kl) if with_teacher else zero
+        # ∂/∂z = −p ⊙ [(g_H − g_KL)·log p + g_KL·log q + c] + g_lp·onehot(y)
+        coef_logp = (g_h - g_kl)[:, None]
+        coef_logq = g_kl[:, None]
+        constant = (g_lp + g_h * entropy + g_kl * reverse_kl)[:, None]
+
+        weight = _compute_weight(weight_shard, valid_rows)
+        weight_fp32 = weight.float()  # ∂h accumulates in fp32 (a no-op for fp32 weights)
+        grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=zero.device)
+        grad_weight = torch.zeros(weight_shard.shape, dtype=torch.float32, device=zero.device)
+        target_local = targets - ctx.vocab_start
+        owns_target = (target_local >= 0) & (target_local < valid_rows)
+        target_local = target_local.clamp(0, max(valid_rows - 1, 0))
+
+        if valid_rows > 0:
+            for start in range(0, num_tokens, ctx.chunk_size):
+                rows = slice(start, min(start + ctx.chunk_size, num_tokens))
+                hidden = student_hidden[rows]
+                logp = _chunk_logits(hidden, weight, temperature).sub_(student_log_z[rows, None])
+                probs = logp.exp()
+                if with_teacher:
+                    bracket = _chunk_logits(teacher_hidden[rows], weight, temperature)
+                    bracket.sub_(teacher_log_z[rows, None]).mul_(coef_logq[rows])
+                    bracket.addcmul_(logp, coef_logp[rows])
+                else:
+                    bracket = logp.mul_(coef_logp[rows])
+                grad_logits = bracket.add_(constant[rows]).mul_(probs).neg_()
+                del probs, logp
+                owner_grad = torch.where(owns_target[rows], g_lp[rows], 0.0)
+                grad_logits.scatter_add_(1, target_local[rows, None], owner_grad[:, None])
+                grad_logits.div_(temperature)
+                grad_hidden[rows] = grad_logits @ weight_fp32
+                grad_weight[:valid_rows].addmm_(grad_logits.t(), hidden.float())
+                del grad_logits, bracket
+
+        # The hidden states are replicated over the group: their gradient is the sum of
+        # every rank's vocabulary slice (Megatron's copy-to-TP-region backward).
+        if ctx.group is not None:
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad_hidden = grad_hidden.to(student_hidden.dtype)
+        grad_weight = grad_weight.to(weight_shard.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- chunk math
+
+
+class _ChunkStats(NamedTuple):
+    max: torch.Tensor  # [c] local max of the logits
+    exp: torch.Tensor  # [c, V/tp] e^{z − m}
+    sum_exp: torch.Tensor  # [c]
+    sum_exp_times_logit: torch.Tensor  # [c] Σ e^{z − m}(z − m)
+
+
+def _compute_weight(weight_shard: torch.Tensor, valid_rows: int) -> torch.Tensor:
+    """The valid rows of the shard in the dtype the logits are computed in (fp32 on CPU)."""
+    weight = weight_shard.detach()[:valid_rows]
+    if weight.dtype != torch.float32 and weight.device.type != "cuda":
+        weight = weight.float()
+    return weight
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[c, V/tp] fp32 logits hWᵀ/τ; bf16 inputs accumulate in fp32."""
+    hidden = hidden.detach()
+    if weight.dtype == torch.float32:
+        logits = hidden.float() @ weight.t()
+    else:  # CUDA low precision: fp32 accumulation and output without an fp32 weight copy
+        logits = torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+def _centre_in_place(logits: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] == 0:
+        return torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+    row_max = logits.max(dim=1).values
+    logits.sub_(row_max[:, None])
+    return row_max
+
+
+def _centred_chunk_stats(logits: torch.Tensor) -> _ChunkStats:
+    """Centres `logits` in place on their row max and returns the local partials."""
+    row_max = _centre_in_place(logits)
+    exp = logits.exp()
+    return _ChunkStats(row_max, exp, exp.sum(dim=1), _row_dot(exp, logits))
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a[i, j]·b[i, j] without a [c, V] temporary (a batched GEMV)."""
+    if a.shape[1] == 0:
+        return torch.zeros(a.shape[0], device=a.device)
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_inputs(
+    student_hidden, weight_shard, target_ids, teacher_hidden, mask,
+    *, vocab_size, tp_size, temperature, chunk_size,
+) -> None:
+    if student_hidden.dim() != 2:
+        raise ValueError(f"student_hidden must be [N, H], got shape {tuple(student_hidden.shape)}")
+    num_tokens, hidden_size = student_hidden.shape
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != hidden_size:
+        raise ValueError(
+            f"weight_shard must be [V/tp, H={hidden_size}], got shape {tuple(weight_shard.shape)}"
+        )
+    if not student_hidden.is_floating_point() or not weight_shard.is_floating_point():
+        raise ValueError(
+            f"student_hidden and weight_shard must be floating point, got "
+            f"{student_hidden.dtype} and {weight_shard.dtype}"
+        )
+    if student_hidden.dtype != weight_shard.dtype:
+        raise ValueError(
+            f"student_hidden ({student_hidden.dtype}) and weight_shard ({weight_shard.dtype}) "
+            "must have the same dtype"
+        )
+    if target_ids.shape != (num_tokens,) or target_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"target_ids must be an int32/int64 tensor of shape [{num_tokens}], got "
+            f"{target_ids.dtype} {tuple(target_ids.shape)}"
+        )
+    tensors = {"student_hidden": student_hidden, "weight_shard": weight_shard, "target_ids": target_ids}
+    if teacher_hidden is not None:
+        if teacher_hidden.shape != student_hidden.shape or teacher_hidden.dtype != student_hidden.dtype:
+            raise ValueError(
+                f"teacher_hidden must match student_hidden ({student_hidden.dtype} "
+                f"{tuple(student_hidden.shape)}), got {teacher_hidden.dtype} {tuple(teacher_hidden.shape)}"
+            )
+        tensors["teacher_hidden"] = teacher_hidden
+    if mask is not None:
+        if mask.shape != (num_tokens,):
+            raise ValueError(f"mask must have shape [{num_tokens}], got {tuple(mask.shape)}")
+        tensors["mask"] = mask
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+    if vocab_size is not None and not 0 < vocab_size <= weight_shard.shape[0] * tp_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, V/tp·tp = {weight_shard.shape[0] * tp_size}]"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _check_target_range(target_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+    if not mask.any():
+        return
+    selected = target_ids[mask]
+    low, high = int(selected.min()), int(selected.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"target_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
+        )

@@ -1,0 +1,6 @@
+import os
+import warnings
+
+# Megatron-Core warns at import that TE/apex are absent; that is the CPU path by design.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
