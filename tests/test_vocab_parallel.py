@@ -196,9 +196,9 @@ def test_never_materialises_full_logits():
     with _LargestTensor() as tracker:
         stats = vocab_parallel_token_stats(student, weight, targets, torch.randn(num_tokens, hidden), chunk_size=chunk)
         (stats.logprobs.sum() + stats.reverse_kl.sum() + stats.entropy.sum()).backward()
-    # Chunk logits [16, 1024] and the weight gradient [1024, 8] are the largest objects:
-    # far below the [512, 1024] logits a naive implementation holds.
-    assert tracker.largest <= max(chunk * vocab, vocab * hidden)
+    # The workspace (three [16, 1024] chunk buffers) and the weight gradient [1024, 8] are
+    # the largest objects: far below the [512, 1024] logits a naive implementation holds.
+    assert tracker.largest <= max(3 * chunk * vocab, vocab * hidden)
 
 
 def test_saved_state_is_linear_in_tokens():

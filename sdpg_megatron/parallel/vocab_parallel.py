@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 _NUM_STATS_WITH_TEACHER = 5  # S_s, S_t, A (KL), B (entropy), target logit
 _NUM_STATS_STUDENT_ONLY = 3  # S_s, B, target logit
+_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 512 * 2**20}  # one [chunk, V/tp] fp32 buffer
 
 
 class TokenStats(NamedTuple):
@@ -51,7 +52,7 @@ def vocab_parallel_token_stats(
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     mask: torch.Tensor | None = None,
     validate: bool = True,
 ) -> TokenStats:
@@ -68,7 +69,8 @@ def vocab_parallel_token_stats(
         vocab_size: the true vocabulary size; padded rows at or beyond it get no
             probability mass. Defaults to the padded size V/tp · tp.
         temperature: τ, the logits are divided by it (sampling temperature).
-        chunk_size: tokens per chunk; peak extra memory is O(chunk_size × V/tp).
+        chunk_size: tokens per chunk; peak extra memory is three [chunk_size, V/tp] fp32
+            buffers. None picks it so one buffer is ~16 MiB on CPU, ~512 MiB on CUDA.
         mask: [N] bool/0-1, False slots return 0 and receive no gradient (their target
             ids are ignored).
         validate: check target ids against the vocabulary (one host sync).
@@ -84,6 +86,9 @@ def vocab_parallel_token_stats(
         vocab_size=vocab_size, tp_size=tp_size, temperature=temperature, chunk_size=chunk_size,
     )
     shard_rows = weight_shard.shape[0]
+    if chunk_size is None:
+        budget = _CHUNK_BYTES.get(student_hidden.device.type, _CHUNK_BYTES["cpu"])
+        chunk_size = max(1, budget // (4 * max(shard_rows, 1)))
     padded_vocab = shard_rows * tp_size
     vocab_size = padded_vocab if vocab_size is None else vocab_size
     if mask is None:
@@ -148,26 +153,28 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         owns_target = (target_local >= 0) & (target_local < valid_rows)
         target_local = target_local.clamp(0, max(valid_rows - 1, 0))
 
+        # Three [chunk, V/tp] fp32 buffers, allocated once: the whole extra footprint.
+        workspace = _Workspace(min(chunk_size, num_tokens), weight.shape[0], device)
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, min(start + chunk_size, num_tokens))
-            student_logits = _chunk_logits(student_hidden[rows], weight, temperature)
-            stats = _centred_chunk_stats(student_logits)
-            local_max[0, rows] = stats.max
-            partials[0, rows] = stats.sum_exp
-            partials[-2, rows] = stats.sum_exp_times_logit
+            student_logits, exp, teacher_logits = workspace.views(rows.stop - rows.start)
+            if with_teacher:  # teacher first, so its e^{zₜ−mₜ} can live in `exp` briefly
+                _chunk_logits(teacher_hidden[rows], weight, temperature, out=teacher_logits)
+                local_max[1, rows] = _centre_in_place(teacher_logits)
+                partials[1, rows] = torch.exp(teacher_logits, out=exp).sum(dim=1)
+            _chunk_logits(student_hidden[rows], weight, temperature, out=student_logits)
+            local_max[0, rows] = student_max = _centre_in_place(student_logits)
             if valid_rows > 0:
                 picked = student_logits.gather(1, target_local[rows, None]).squeeze(1)
-                partials[-1, rows] = torch.where(owns_target[rows], picked + stats.max, 0.0)
+                partials[-1, rows] = torch.where(owns_target[rows], picked + student_max, 0.0)
+            partials[0, rows] = torch.exp(student_logits, out=exp).sum(dim=1)
             if with_teacher:
-                teacher_logits = _chunk_logits(teacher_hidden[rows], weight, temperature)
-                teacher_max = _centre_in_place(teacher_logits)
-                local_max[1, rows] = teacher_max
-                partials[1, rows] = teacher_logits.exp().sum(dim=1)
-                # A = Σ e^{zₛ−mₛ}·((zₛ−mₛ) − (zₜ−mₜ)); teacher buffer reused for the difference.
+                # A = Σ e^{zₛ−mₛ}·((zₛ−mₛ) − (zₜ−mₜ)), computed in the teacher buffer.
                 difference = teacher_logits.neg_().add_(student_logits)
-                partials[2, rows] = _row_dot(stats.exp, difference)
-                del teacher_logits, difference
-            del student_logits, stats
+                partials[2, rows] = difference.mul_(exp).sum(dim=1)
+            # B = Σ e^{zₛ−mₛ}·(zₛ−mₛ), computed in the student buffer (last use).
+            partials[-2, rows] = student_logits.mul_(exp).sum(dim=1)
+        del workspace
 
         # Collective 1: MAX over [2N] (student and teacher maxima).
         global_max = local_max.clone()
@@ -249,25 +256,27 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         target_local = target_local.clamp(0, max(valid_rows - 1, 0))
 
         if valid_rows > 0:
+            workspace = _Workspace(min(ctx.chunk_size, num_tokens), weight.shape[0], zero.device)
             for start in range(0, num_tokens, ctx.chunk_size):
                 rows = slice(start, min(start + ctx.chunk_size, num_tokens))
+                logp, probs, bracket = workspace.views(rows.stop - rows.start)
                 hidden = student_hidden[rows]
-                logp = _chunk_logits(hidden, weight, temperature).sub_(student_log_z[rows, None])
-                probs = logp.exp()
+                _chunk_logits(hidden, weight, temperature, out=logp).sub_(student_log_z[rows, None])
+                torch.exp(logp, out=probs)
                 if with_teacher:
-                    bracket = _chunk_logits(teacher_hidden[rows], weight, temperature)
+                    _chunk_logits(teacher_hidden[rows], weight, temperature, out=bracket)
                     bracket.sub_(teacher_log_z[rows, None]).mul_(coef_logq[rows])
                     bracket.addcmul_(logp, coef_logp[rows])
                 else:
-                    bracket = logp.mul_(coef_logp[rows])
+                    torch.mul(logp, coef_logp[rows], out=bracket)
                 grad_logits = bracket.add_(constant[rows]).mul_(probs).neg_()
-                del probs, logp
                 owner_grad = torch.where(owns_target[rows], g_lp[rows], 0.0)
                 grad_logits.scatter_add_(1, target_local[rows, None], owner_grad[:, None])
                 grad_logits.div_(temperature)
-                grad_hidden[rows] = grad_logits @ weight_fp32
-                grad_weight[:valid_rows].addmm_(grad_logits.t(), hidden.float())
-                del grad_logits, bracket
+                torch.mm(grad_logits, weight_fp32, out=grad_hidden[rows])
+                valid_grad_weight = grad_weight[:valid_rows]
+                torch.addmm(valid_grad_weight, grad_logits.t(), hidden.float(), out=valid_grad_weight)
+            del workspace
 
         # The hidden states are replicated over the group: their gradient is the sum of
         # every rank's vocabulary slice (Megatron's copy-to-TP-region backward).
@@ -281,11 +290,14 @@ class _VocabParallelTokenStats(torch.autograd.Function):
 # --------------------------------------------------------------------------- chunk math
 
 
-class _ChunkStats(NamedTuple):
-    max: torch.Tensor  # [c] local max of the logits
-    exp: torch.Tensor  # [c, V/tp] e^{z − m}
-    sum_exp: torch.Tensor  # [c]
-    sum_exp_times_logit: torch.Tensor  # [c] Σ e^{z − m}(z − m)
+class _Workspace:
+    """Three reusable [chunk, V/tp] fp32 buffers (one allocation, no allocator churn)."""
+
+    def __init__(self, chunk_size: int, shard_rows: int, device: torch.device):
+        self.buffer = torch.empty(3, chunk_size, shard_rows, dtype=torch.float32, device=device)
+
+    def views(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.buffer[i, :num_rows] for i in range(3))
 
 
 def _compute_weight(weight_shard: torch.Tensor, valid_rows: int) -> torch.Tensor:
@@ -296,38 +308,27 @@ def _compute_weight(weight_shard: torch.Tensor, valid_rows: int) -> torch.Tensor
     return weight
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[c, V/tp] fp32 logits hWᵀ/τ; bf16 inputs accumulate in fp32."""
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, temperature: float, *, out: torch.Tensor
+) -> torch.Tensor:
+    """out ← hWᵀ/τ in fp32 ([c, V/tp]); bf16 inputs accumulate in fp32."""
     hidden = hidden.detach()
     if weight.dtype == torch.float32:
-        logits = hidden.float() @ weight.t()
+        torch.mm(hidden.float(), weight.t(), out=out)
     else:  # CUDA low precision: fp32 accumulation and output without an fp32 weight copy
-        logits = torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+        out.copy_(torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32))
     if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
+        out.div_(temperature)
+    return out
 
 
 def _centre_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """Subtracts each row's max in place and returns the maxima (−inf for an empty shard)."""
     if logits.shape[1] == 0:
         return torch.full((logits.shape[0],), float("-inf"), device=logits.device)
     row_max = logits.max(dim=1).values
     logits.sub_(row_max[:, None])
     return row_max
-
-
-def _centred_chunk_stats(logits: torch.Tensor) -> _ChunkStats:
-    """Centres `logits` in place on their row max and returns the local partials."""
-    row_max = _centre_in_place(logits)
-    exp = logits.exp()
-    return _ChunkStats(row_max, exp, exp.sum(dim=1), _row_dot(exp, logits))
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_j a[i, j]·b[i, j] without a [c, V] temporary (a batched GEMV)."""
-    if a.shape[1] == 0:
-        return torch.zeros(a.shape[0], device=a.device)
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -380,7 +381,7 @@ def _check_inputs(
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
