@@ -37,7 +37,7 @@ pip_install --upgrade "pip>=24" wheel
 # dependency resolution can swap in a CUDA build.
 echo "[install] $torch_spec"
 pip_install "$torch_spec"
-torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+torch_version="$(PYTHONWARNINGS=ignore "$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
 constraints="$(mktemp)"; trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" >"$constraints"
 

@@ -1,0 +1,176 @@
+"""Run Megatron-Core on CPU (gloo): the one place that papers over its CUDA assumptions.
+
+Megatron-Core is written for GPUs. On a machine without CUDA (tests, CI, the embedded
+demo) three kinds of assumption break, and each is mapped here, nowhere else:
+
+1. hard-coded devices — `torch.cuda.current_device()`, `device="cuda"`, `.cuda()`,
+   `pin_memory()`: a torch function mode rewrites every CUDA device to the CPU;
+2. device queries and streams — `torch.cuda.synchronize`, `current_stream`, `Event`,
+   memory statistics, NVTX ranges: no-op stand-ins;
+3. the model-parallel RNG tracker — it saves and restores CUDA generator states: the
+   same bookkeeping on the CPU generator.
+
+`apply_cpu_shim()` is idempotent and does nothing when CUDA is available, so the GPU path
+runs Megatron-Core untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+_lock = threading.Lock()
+
+
+def apply_cpu_shim() -> bool:
+    """Apply the shim if CUDA is absent; returns whether it is active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if not _applied:
+            _patch_cuda_module()
+            _patch_rng_tracker()
+            _CudaToCpuMode().__enter__()  # stays on the mode stack for the process
+            _applied = True
+    return True
+
+
+def cpu_shim_active() -> bool:
+    return _applied
+
+
+# --------------------------------------------------------------------------- 1. devices
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CPU = torch.device("cpu")
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU on every torch call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+            return args[0]
+        if func is torch.Tensor.is_pinned:
+            return False
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and len(args) > 1:
+            if _is_cuda_device(args[1]):
+                args = (args[0], _CPU, *args[2:])
+        if "pin_memory" in kwargs:
+            kwargs = {**kwargs, "pin_memory": False}
+        return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- 2. queries
+
+
+class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return _NullEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent(_NullStream):
+    def record(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_cuda_module() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.get_device_capability = lambda device=None: (0, 0)
+    cuda.get_device_name = lambda device=None: "cpu"
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    cuda.max_memory_reserved = lambda device=None: 0
+    cuda.reset_peak_memory_stats = lambda device=None: None
+    cuda.nvtx.range_push = lambda msg: None
+    cuda.nvtx.range_pop = lambda: None
+
+
+# --------------------------------------------------------------------------- 3. RNG tracker
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """Megatron's named RNG states, kept as CPU generator states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            generator = torch.Generator().manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                self._current_state_name = outer_name
+                torch.set_rng_state(outer_state)
+
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mcore_random._CUDA_RNG_STATE_TRACKER = None  # re-created with the CPU class on next use
