@@ -70,7 +70,7 @@ class _CudaToCpuMode(TorchFunctionMode):
             return False
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and len(args) > 1:
+        if func is torch.Tensor.to and len(args) > 1:
             if _is_cuda_device(args[1]):
                 args = (args[0], _CPU, *args[2:])
         if "pin_memory" in kwargs:

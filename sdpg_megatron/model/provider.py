@@ -1,0 +1,152 @@
+"""Qwen3 on Megatron-Core: TransformerConfig, layer spec and a model provider.
+
+Nothing here reads global arguments: the provider takes the architecture, the
+TransformerConfig and the pipeline flags, as Megatron's `model_provider(pre_process,
+post_process, vp_stage)` contract expects (bind the rest with functools.partial).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from sdpg_megatron.model.qwen3 import Qwen3Arch
+from sdpg_megatron.parallel.vocab_parallel import padded_vocab_size
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def transformer_config(
+    arch: Qwen3Arch,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute_activations: bool = False,
+) -> TransformerConfig:
+    """Qwen3: GQA, QK RMSNorm, RMSNorm, SwiGLU, RoPE, no biases, explicit head_dim."""
+    check_layout(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        recompute_granularity="selective" if recompute_activations else None,
+    )
+
+
+def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """ValueError naming the quantity that a TP/PP size does not divide."""
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got {tensor_parallel}, {pipeline_parallel}")
+    for quantity, value in (("num_attention_heads", arch.num_attention_heads),
+                            ("num_query_groups", arch.num_query_groups),
+                            ("ffn_hidden_size", arch.ffn_hidden_size)):
+        if value % tensor_parallel:
+            raise ValueError(f"tensor parallel size {tensor_parallel} does not divide {quantity}={value}")
+    if arch.num_layers % pipeline_parallel:
+        raise ValueError(
+            f"pipeline parallel size {pipeline_parallel} does not divide num_layers={arch.num_layers}"
+        )
+
+
+def layer_spec(use_transformer_engine: bool | None = None):
+    """TE spec when transformer-engine is usable (GPU), Megatron's local spec otherwise.
+
+    Both hold the same weights; only the TE spec fuses the norms into the next linear
+    (see `hf_mapping.te_alias`)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+class PolicyGPTModel(GPTModel):
+    """GPTModel whose last stage can return final hidden states instead of logits.
+
+    Training never materialises [tokens × vocab] logits: `forward(..., return_hidden=True)`
+    returns the final-norm hidden states [s, b, H] and the fused vocab-parallel loss reads
+    the output weight shard from `output_weight()`.
+    """
+
+    _return_hidden = False
+
+    def forward(self, *args, return_hidden: bool = False, **kwargs):
+        self._return_hidden = return_hidden
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._return_hidden = False
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self._return_hidden and self.post_process:
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+    def output_weight(self) -> torch.Tensor:
+        """This TP rank's [V/tp, H] output weight (the embedding when tied)."""
+        if not self.post_process:
+            raise ValueError("only the last pipeline stage has an output layer")
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+def model_provider(
+    arch: Qwen3Arch,
+    config: TransformerConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    *,
+    use_transformer_engine: bool | None = None,
+) -> PolicyGPTModel:
+    """Megatron's provider signature; bind `arch` and `config` with functools.partial."""
+    return PolicyGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_transformer_engine),
+        vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_base),
+        vp_stage=vp_stage,
+    )
