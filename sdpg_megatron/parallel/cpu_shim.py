@@ -4,7 +4,8 @@ Megatron-Core is written for GPUs. On a machine without CUDA (tests, CI, the emb
 demo) three kinds of assumption break, and each is mapped here, nowhere else:
 
 1. hard-coded devices — `torch.cuda.current_device()`, `device="cuda"`, `.cuda()`,
-   `pin_memory()`: a torch function mode rewrites every CUDA device to the CPU;
+   `pin_memory()`, `tensor.type() == 'torch.cuda.FloatTensor'`: a torch function mode
+   rewrites every CUDA device to the CPU and reports CPU tensors under CUDA type names;
 2. device queries and streams — `torch.cuda.synchronize`, `current_stream`, `Event`,
    memory statistics, NVTX ranges: no-op stand-ins;
 3. the model-parallel RNG tracker — it saves and restores CUDA generator states: the
@@ -68,6 +69,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.is_pinned:
             return False
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron asserts grads are 'torch.cuda.FloatTensor'; the CPU name lacks '.cuda'.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.to and len(args) > 1:

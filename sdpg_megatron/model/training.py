@@ -1,0 +1,161 @@
+"""Megatron-Core training plumbing, the canonical way: provider → DDP → optimizer →
+`get_forward_backward_func` → `finalize_model_grads` → `optimizer.step()`.
+
+Losses follow Megatron's per-token convention (`calculate_per_token_loss=True`): a loss
+function returns (Σ per-token loss, number of loss tokens, metrics), and
+`finalize_model_grads` divides the gradients by the token count summed over micro-batches
+and data-parallel ranks — exactly METHOD.md's token-mean over the mini-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from sdpg_megatron.model.provider import PolicyGPTModel, model_provider, transformer_config
+from sdpg_megatron.model.qwen3 import Qwen3Arch
+from sdpg_megatron.parallel.groups import ParallelGroups
+
+
+@dataclass(kw_only=True)
+class OptimizerSettings:
+    """AdamW as in METHOD.md's defaults."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainableModel:
+    model: DistributedDataParallel  # one chunk (no virtual pipeline stages)
+    optimizer: object  # a MegatronOptimizer
+    config: TransformerConfig
+
+    @property
+    def module(self) -> PolicyGPTModel:
+        return self.model.module
+
+
+@dataclass
+class StepResult:
+    losses: list  # what the loss function reported per micro-batch (last stage only)
+    grad_norm: float | None
+    update_successful: bool
+
+
+def build_policy(
+    arch: Qwen3Arch,
+    groups: ParallelGroups,
+    settings: OptimizerSettings,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    load_weights: Callable[[PolicyGPTModel], None] | None = None,
+) -> TrainableModel:
+    """The trainable policy at this rank's layout; `load_weights` runs before DDP wraps
+    the parameters and the optimizer copies them."""
+    config = transformer_config(
+        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype
+    )
+    config.calculate_per_token_loss = True
+    module = model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+    if load_weights is not None:
+        load_weights(module)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay,
+            adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
+            clip_grad=settings.clip_grad, use_distributed_optimizer=settings.use_distributed_optimizer,
+            params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=False,
+        ),
+        [model],
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+    return TrainableModel(model=model, optimizer=optimizer, config=config)
+
+
+def build_frozen(
+    arch: Qwen3Arch,
+    groups: ParallelGroups,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    load_weights: Callable[[PolicyGPTModel], None] | None = None,
+) -> PolicyGPTModel:
+    """A model with no gradients and no optimizer (the reference policy π_ref)."""
+    config = transformer_config(
+        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype
+    )
+    module = model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+    if load_weights is not None:
+        load_weights(module)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def train_step(
+    policy: TrainableModel,
+    forward_step: Callable,
+    microbatches: Iterator,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
+    """One optimizer step over `num_microbatches` micro-batches."""
+    policy.model.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+    policy.model.train()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=microbatches,
+        model=[policy.model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = policy.optimizer.step()
+    return StepResult(losses=losses, grad_norm=grad_norm, update_successful=bool(update_successful))
+
+
+def forward_only(
+    model: torch.nn.Module,
+    forward_step: Callable,
+    microbatches: Iterator,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> list:
+    """Forward through the pipeline without gradients (teacher, reference, evaluation)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=microbatches, model=[model],
+                num_microbatches=num_microbatches, seq_length=seq_length,
+                micro_batch_size=micro_batch_size, forward_only=True,
+            )
+    finally:
+        model.train(was_training)
+
