@@ -1,23 +1,25 @@
 """Reading and writing Hugging Face Qwen3 directories, one tensor at a time.
 
 `HFCheckpoint` opens `config.json` plus `model.safetensors` or a sharded
-`model.safetensors.index.json` lazily (memory-mapped: a tensor is read when asked for),
-and `validate()` checks names and shapes against the architecture before any conversion
+`model.safetensors.index.json` lazily: only the safetensors headers are parsed up front,
+and a tensor is read with plain file reads when asked for (no memory map, whose touched
+pages would pile up in the converter's resident memory). Then `validate()` checks names and shapes against the architecture before any conversion
 writes a byte. `write_hf_checkpoint` streams tensors into size-bounded safetensors shards
 inside a temporary sibling directory and renames it into place only when complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdpg_megatron.model.hf_mapping import rules_for
@@ -25,6 +27,19 @@ from sdpg_megatron.model.qwen3 import Qwen3Arch, from_hf_config, to_hf_config
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _TensorLocation(NamedTuple):
+    file: Path
+    offset: int
+    num_bytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 class HFCheckpoint:
@@ -37,49 +52,60 @@ class HFCheckpoint:
             raise FileNotFoundError(f"{config_path} not found: --hf-dir must be a Hugging Face model directory")
         self.config = json.loads(config_path.read_text())
         self.arch = from_hf_config(self.config, source=str(config_path))
-        self._file_of = self._index()
-        self._handles: dict[str, object] = {}
+        self._locations = self._index()
 
-    def _index(self) -> dict[str, str]:
+    def _index(self) -> dict[str, _TensorLocation]:
         index_path = self.path / SAFETENSORS_INDEX
         if index_path.is_file():
             weight_map = json.loads(index_path.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no 'weight_map' object")
-            missing_files = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            files = sorted(set(weight_map.values()))
+            missing_files = [f for f in files if not (self.path / f).is_file()]
             if missing_files:
                 raise FileNotFoundError(f"{index_path} names shard files that do not exist: {missing_files}")
-            return dict(weight_map)
-        single = self.path / SAFETENSORS_SINGLE
-        if single.is_file():
-            with safe_open(single, framework="pt") as handle:
-                return {name: SAFETENSORS_SINGLE for name in handle.keys()}
-        raise FileNotFoundError(
-            f"{self.path} has neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX}; "
-            "only safetensors checkpoints are supported"
-        )
+        elif (self.path / SAFETENSORS_SINGLE).is_file():
+            files = [SAFETENSORS_SINGLE]
+        else:
+            raise FileNotFoundError(
+                f"{self.path} has neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX}; "
+                "only safetensors checkpoints are supported"
+            )
+        locations = {}
+        for file_name in files:
+            locations.update(_read_header(self.path / file_name))
+        return locations
 
     def names(self) -> list[str]:
-        return sorted(self._file_of)
-
-    def _handle(self, name: str):
-        file_name = self._file_of[name]
-        if file_name not in self._handles:
-            self._handles[file_name] = safe_open(self.path / file_name, framework="pt")
-        return self._handles[file_name]
+        return sorted(self._locations)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._locations[name].shape
 
     def read(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
+        """A fresh tensor (its own storage, safe to free after use)."""
+        if name not in self._locations:
             raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        return self._handle(name).get_tensor(name)
+        where = self._locations[name]
+        buffer = torch.empty(where.num_bytes, dtype=torch.uint8)
+        # A ctypes view, not buffer.numpy(): a numpy export would pin the storage, and the
+        # streaming checkpoint writer frees tensors with untyped_storage().resize_(0).
+        view = memoryview((ctypes.c_char * where.num_bytes).from_address(buffer.data_ptr())).cast("B")
+        with open(where.file, "rb", buffering=0) as handle:
+            handle.seek(where.offset)
+            received = 0
+            while received < where.num_bytes:
+                count = handle.readinto(view[received:])
+                if not count:
+                    raise ValueError(f"{where.file}: truncated while reading {name!r}")
+                received += count
+        del view
+        return buffer.view(where.dtype).reshape(where.shape)
 
     def validate(self) -> None:
         """ValueError listing missing, unexpected and mis-shaped tensors."""
         expected = expected_hf_shapes(self.arch)
-        present = set(self._file_of)
+        present = set(self._locations)
         missing = sorted(set(expected) - present)
         # A tied checkpoint may still carry lm_head.weight (a copy of the embedding).
         tolerated = {"lm_head.weight"} if self.arch.tied_embeddings else set()
@@ -97,6 +123,34 @@ class HFCheckpoint:
             problems.append(f"wrong shapes: {wrong[:8]}")
         if problems:
             raise ValueError(f"{self.path} does not match its config.json: " + "; ".join(problems))
+
+
+def _read_header(path: Path) -> dict[str, _TensorLocation]:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header size)")
+        (header_size,) = struct.unpack("<Q", raw)
+        if header_size > size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header size {header_size} exceeds the file)")
+        try:
+            header = json.loads(handle.read(header_size))
+        except ValueError as error:
+            raise ValueError(f"{path}: unreadable safetensors header ({error})") from None
+    data_start = 8 + header_size
+    locations = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        if data_start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} lies past the end of the file (truncated download?)")
+        locations[name] = _TensorLocation(path, data_start + begin, end - begin,
+                                          _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+    return locations
 
 
 def expected_hf_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
@@ -134,6 +188,7 @@ def write_hf_checkpoint(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     extra_config: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a Hugging Face directory (config.json, safetensors shards, index) atomically.
 
@@ -177,6 +232,8 @@ def write_hf_checkpoint(
         if dtype is not None:
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (staging / "config.json").write_text(json.dumps(config, indent=2))
+        for file_name, data in (extra_files or {}).items():
+            (staging / file_name).write_bytes(data)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

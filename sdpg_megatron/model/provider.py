@@ -134,13 +134,25 @@ def model_provider(
     post_process: bool = True,
     vp_stage: int | None = None,
     *,
+    padded_vocab: int | None = None,
     use_transformer_engine: bool | None = None,
 ) -> PolicyGPTModel:
-    """Megatron's provider signature; bind `arch` and `config` with functools.partial."""
+    """Megatron's provider signature; bind `arch` and `config` with functools.partial.
+
+    `padded_vocab` defaults to Megatron's padding for this TP size; a checkpoint records
+    the padding it was written with, and a model loading it must use the same."""
+    tp_size = config.tensor_model_parallel_size
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(arch.vocab_size, tp_size)
+    if padded_vocab < arch.vocab_size or padded_vocab % tp_size:
+        raise ValueError(
+            f"padded vocabulary {padded_vocab} must be >= vocab_size={arch.vocab_size} and divisible by "
+            f"tensor parallel size {tp_size}; convert the checkpoint again with --tp {tp_size}"
+        )
     return PolicyGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_transformer_engine),
-        vocab_size=padded_vocab_size(arch.vocab_size, config.tensor_model_parallel_size),
+        vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

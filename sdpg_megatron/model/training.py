@@ -78,6 +78,7 @@ def build_policy(
         average_in_collective=False,
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    model.broadcast_params()  # data-parallel replicas start identical whatever was loaded
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay,
@@ -88,6 +89,7 @@ def build_policy(
         [model],
     )
     config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
     return TrainableModel(model=model, optimizer=optimizer, config=config)
 

@@ -1,0 +1,176 @@
+"""Hugging Face Qwen3 ↔ Megatron-Core distributed checkpoint conversion (streaming).
+
+Both directions run in one CPU process and hold about one tensor at a time:
+HF safetensors are read tensor by tensor, combined through the one mapping table
+(`hf_mapping`), and written by `mcore_checkpoint.stream_save`; the way back loads one
+parameter at a time and streams size-bounded safetensors shards. The Megatron checkpoint
+records the architecture and its vocabulary padding in `sdpg_model.json`, so any layout
+can load it (the padding fixes which TP sizes divide it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from sdpg_megatron.model.hf_io import HFCheckpoint, write_hf_checkpoint
+from sdpg_megatron.model.hf_mapping import find_rule, global_name, to_hf, to_mcore
+from sdpg_megatron.model.mcore_checkpoint import build_meta_model, is_checkpoint, stream_load, stream_save
+from sdpg_megatron.model.provider import check_layout, model_provider, transformer_config
+from sdpg_megatron.model.qwen3 import Qwen3Arch
+from sdpg_megatron.parallel.vocab_parallel import padded_vocab_size
+
+MODEL_INFO = "sdpg_model.json"
+HF_ASSETS = "hf_assets"  # tokenizer and generation files carried along for the way back
+_ASSET_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of {['auto', *_DTYPES]}")
+    return _DTYPES[name]
+
+
+def _meta_model(arch: Qwen3Arch, padded_vocab: int, dtype: torch.dtype):
+    config = transformer_config(arch, params_dtype=dtype)
+    return build_meta_model(lambda: model_provider(arch, config, padded_vocab=padded_vocab))
+
+
+def hf_to_mcore(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tp: int,
+    pp: int,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert; returns {"tensors", "bytes", "seconds", "peak_rss_bytes"}."""
+    started = time.perf_counter()
+    source = HFCheckpoint(hf_dir)
+    arch = source.arch
+    check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp)
+    source.validate()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds files; pass --overwrite to replace it")
+    dtype = dtype or _hf_dtype(source.config)
+    padded_vocab = padded_vocab_size(arch.vocab_size, tp)
+    with _megatron_process_group():
+        meta = _meta_model(arch, padded_vocab, dtype)
+        names = [name for name, _ in meta.named_parameters()]
+        bar = tqdm(total=len(names), desc="hf→mcore", unit="tensor", disable=not progress)
+
+        def producer(name: str):
+            def produce():
+                hf_names, kind = find_rule(arch, global_name(name, 0))
+                tensor = to_mcore(kind, [source.read(h).to(dtype) for h in hf_names], arch, padded_vocab)
+                bar.update(1)
+                return tensor
+            return produce
+
+        info = {"arch": dataclasses.asdict(arch), "padded_vocab": padded_vocab, "dtype": str(dtype).removeprefix("torch."),
+                "converted_for": {"tensor_parallel": tp, "pipeline_parallel": pp}, "source": str(Path(hf_dir).resolve())}
+        extra_files = {MODEL_INFO: json.dumps(info, indent=2).encode(), **_assets(Path(hf_dir))}
+        stats = stream_save(meta, {name: producer(name) for name in names}, out_dir, overwrite=overwrite,
+                            extra_files=extra_files)
+        bar.close()
+    stats["seconds"] = time.perf_counter() - started
+    stats["peak_rss_bytes"] = _peak_rss_bytes()
+    return stats
+
+
+def mcore_to_hf(
+    mcore_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 2**30,
+    progress: bool = True,
+) -> Path:
+    """Write a Megatron checkpoint (any layout it was saved at) as a Hugging Face directory."""
+    arch, padded_vocab, saved_dtype = read_model_info(mcore_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds files; pass --overwrite to replace it")
+    with _megatron_process_group():
+        meta = _meta_model(arch, padded_vocab, saved_dtype)
+        total = sum(1 for _ in meta.named_parameters())
+
+        def hf_tensors():
+            for name, tensor in tqdm(stream_load(meta, mcore_dir), total=total, desc="mcore→hf",
+                                     unit="tensor", disable=not progress):
+                hf_names, kind = find_rule(arch, global_name(name, 0))
+                yield from zip(hf_names, to_hf(kind, tensor, arch))
+
+        assets = Path(mcore_dir) / HF_ASSETS
+        extra_files = {p.name: p.read_bytes() for p in sorted(assets.iterdir())} if assets.is_dir() else {}
+        return write_hf_checkpoint(out_dir, arch, hf_tensors(), dtype=dtype or saved_dtype,
+                                   max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra_files=extra_files)
+
+
+def read_model_info(mcore_dir: str | os.PathLike) -> tuple[Qwen3Arch, int, torch.dtype]:
+    path = Path(mcore_dir) / MODEL_INFO
+    if not is_checkpoint(mcore_dir):
+        raise FileNotFoundError(f"{mcore_dir} is not a Megatron distributed checkpoint (no metadata.json)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: was this checkpoint written by tools/hf_to_mcore.py or the trainer?")
+    info = json.loads(path.read_text())
+    return Qwen3Arch(**info["arch"]), int(info["padded_vocab"]), getattr(torch, info["dtype"])
+
+
+@contextlib.contextmanager
+def _megatron_process_group():
+    """Megatron's TP1/PP1 state in this process (a one-rank gloo group if none exists)."""
+    from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
+
+    created = not dist.is_initialized()
+    if created:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        initialize_parallel(tensor_parallel=1, pipeline_parallel=1, seed=0)
+        yield
+    finally:
+        destroy_parallel()
+        if created:
+            dist.destroy_process_group()
+
+
+def _hf_dtype(config: dict) -> torch.dtype:
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
+
+
+def _assets(hf_dir: Path) -> dict[str, bytes]:
+    """Tokenizer and generation files of the HF directory, to restore on the way back."""
+    return {
+        f"{HF_ASSETS}/{path.name}": path.read_bytes()
+        for path in sorted(hf_dir.iterdir())
+        if path.is_file() and path.suffix in _ASSET_SUFFIXES
+        and path.name not in ("config.json", "model.safetensors.index.json")
+    }
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face Qwen3 directory into a Megatron-Core distributed checkpoint.
+
+    python tools/hf_to_mcore.py --hf-dir Qwen3-4B --out ckpt/qwen3-4b-mcore --tp 2 --pp 1
+
+Streams one tensor at a time (peak memory ≈ the largest tensor), validates names and
+shapes against config.json before writing, and writes atomically: on any failure nothing
+is left at --out. The checkpoint loads at the given layout and, through
+dist_checkpointing, at any layout whose TP size divides its padded vocabulary.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="output Megatron checkpoint directory")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size the checkpoint is for")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size the checkpoint is for")
+    parser.add_argument("--dtype", default="auto", help="auto (the HF config's), fp32, bf16 or fp16")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    args = parser.parse_args(argv)
+
+    from sdpg_megatron.model.convert import hf_to_mcore, parse_dtype
+
+    try:
+        stats = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp,
+                            dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        print(f"hf_to_mcore: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {stats['tensors']} chunks, {stats['bytes'] / 2**20:.1f} MiB in "
+          f"{stats['seconds']:.1f} s, peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
