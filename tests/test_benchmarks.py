@@ -19,3 +19,15 @@ def test_vocab_parallel_loss_benchmark_runs(tmp_path):
     record = json.loads(out.read_text())
     assert record["collectives_tp2"]["fused"]["forward_calls"] == 2
     assert record["results"]["fused"]["flops"] > 0
+
+
+def test_conversion_benchmark_runs(tmp_path):
+    out = tmp_path / "conversion.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_conversion.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"hf_to_mcore (streaming)", "plain (model in memory + save)", "mcore_to_hf (streaming)"}
+    assert all(row["seconds"] > 0 for row in record["rows"].values())

@@ -24,15 +24,18 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing directory at --out")
     args = parser.parse_args(argv)
 
-    from sdpg_megatron.model.convert import mcore_to_hf, parse_dtype
+    import time
 
+    from sdpg_megatron.model.convert import mcore_to_hf, parse_dtype, peak_rss_bytes
+
+    started = time.perf_counter()
     try:
         out = mcore_to_hf(args.mcore_dir, args.out, dtype=parse_dtype(args.dtype), overwrite=args.overwrite,
                           max_shard_bytes=int(args.max_shard_gib * 2**30))
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         print(f"mcore_to_hf: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {out} in {time.perf_counter() - started:.1f} s, peak RSS {peak_rss_bytes() / 2**20:.0f} MiB")
     return 0
 
 

@@ -88,7 +88,7 @@ def hf_to_mcore(
                             extra_files=extra_files)
         bar.close()
     stats["seconds"] = time.perf_counter() - started
-    stats["peak_rss_bytes"] = _peak_rss_bytes()
+    stats["peak_rss_bytes"] = peak_rss_bytes()
     return stats
 
 
@@ -169,7 +169,7 @@ def _assets(hf_dir: Path) -> dict[str, bytes]:
     }
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
