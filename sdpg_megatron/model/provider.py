@@ -127,6 +127,24 @@ class PolicyGPTModel(GPTModel):
         return self.output_layer.weight
 
 
+def response_states(hidden_states: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """[N, H] final hidden states at the response positions, in (sequence, position) order.
+
+    Args:
+        hidden_states: [s, b, H] as the model returns them (Megatron's sequence-first layout).
+        response_mask: [b, s], True where the position predicts a response token.
+
+    The student and teacher views hold the same response tokens after prefixes of different
+    lengths; selecting each view with its own mask gives rows that align token for token.
+    """
+    if hidden_states.shape[:2] != response_mask.shape[::-1]:
+        raise ValueError(
+            f"response_mask {tuple(response_mask.shape)} does not match hidden states "
+            f"[s, b] = {tuple(hidden_states.shape[:2])}"
+        )
+    return hidden_states.transpose(0, 1)[response_mask.bool()]
+
+
 def model_provider(
     arch: Qwen3Arch,
     config: TransformerConfig,
