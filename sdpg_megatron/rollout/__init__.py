@@ -1,0 +1,1 @@
+"""Rollout: the Ray-managed vLLM fleet and the weight push from the trainer."""

@@ -1,0 +1,140 @@
+"""Trainer side of the weight push: Megatron shards → Hugging Face tensors → buckets.
+
+After each optimizer step every pipeline stage gathers its tensor-parallel shards, renames
+them through the one HF ↔ Megatron table (`model/hf_mapping.py`) and packs them into
+buckets of at most `bucket_bytes` (a single larger tensor gets a bucket of its own).
+Stages other than the first send their buckets point-to-point to the driver (global
+rank 0, first stage, TP rank 0, DP rank 0), which hands each bucket to the rollout fleet
+as it arrives; so a trainer rank holds at most one bucket plus one gathered tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from sdpg_megatron.model.hf_mapping import find_rule, global_name, layer_offset, tp_gather, to_hf
+from sdpg_megatron.model.qwen3 import Qwen3Arch
+from sdpg_megatron.parallel.groups import ParallelGroups
+
+
+@dataclass
+class WeightBucket:
+    """Several HF tensors of one dtype, packed into one contiguous buffer."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtype: torch.dtype
+    flat: torch.Tensor  # 1-D, numel = Σ prod(shape)
+
+    @staticmethod
+    def pack(tensors: list[tuple[str, torch.Tensor]]) -> "WeightBucket":
+        dtypes = {tensor.dtype for _, tensor in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
+        flat = torch.cat([tensor.detach().reshape(-1).cpu() for _, tensor in tensors])
+        return WeightBucket([n for n, _ in tensors], [tuple(t.shape) for _, t in tensors], dtypes.pop(), flat)
+
+    def unpack(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors, as views of `flat`; ValueError if the buffer is not their size."""
+        sizes = [int(torch.Size(shape).numel()) for shape in self.shapes]
+        if len(self.names) != len(self.shapes):
+            raise ValueError(f"bucket has {len(self.names)} names but {len(self.shapes)} shapes")
+        if self.flat.dim() != 1 or self.flat.numel() != sum(sizes) or self.flat.dtype != self.dtype:
+            raise ValueError(
+                f"bucket buffer has {self.flat.numel()} {self.flat.dtype} elements, its "
+                f"{len(self.names)} tensors need {sum(sizes)} {self.dtype} (truncated or corrupted push)"
+            )
+        parts = self.flat.split(sizes)
+        return [(name, part.view(shape)) for name, part, shape in zip(self.names, parts, self.shapes)]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+
+def hf_buckets(
+    model: torch.nn.Module,
+    arch: Qwen3Arch,
+    groups: ParallelGroups,
+    *,
+    bucket_bytes: int,
+    dtype: torch.dtype | None = None,
+) -> Iterator[WeightBucket]:
+    """Every rank calls this collectively; the driver gets all buckets of all stages.
+
+    Args:
+        model: this rank's bare Megatron model (not the DDP wrapper).
+        bucket_bytes: target bucket size.
+        dtype: the dtype the engines take (defaults to the parameters').
+    """
+    if groups.dp_rank != 0:
+        return  # data-parallel replicas hold identical weights: one replica pushes
+    is_driver = groups.pp_rank == 0 and groups.tp_rank == 0
+    for stage in range(groups.pp_size):
+        if stage == groups.pp_rank:
+            local = _stage_buckets(model, arch, groups, bucket_bytes, dtype)
+            if is_driver:
+                yield from local
+            else:
+                for bucket in local:
+                    if groups.tp_rank == 0:
+                        _send_bucket(bucket, groups.pp_group)
+                if groups.tp_rank == 0:
+                    _send_bucket(None, groups.pp_group)
+        elif is_driver:
+            src = dist.get_global_rank(groups.pp_group, stage)
+            while (bucket := _recv_bucket(src, groups.pp_group)) is not None:
+                yield bucket
+
+
+def _stage_buckets(model, arch, groups, bucket_bytes, dtype) -> Iterator[WeightBucket]:
+    """This stage's HF tensors in buckets (on TP rank 0; other TP ranks only gather)."""
+    offset = layer_offset(arch.num_layers, groups.pp_size, groups.pp_rank)
+    pending: list[tuple[str, torch.Tensor]] = []
+    pending_bytes = 0
+    for local_name, param in model.named_parameters():
+        name = global_name(local_name, offset)
+        if name == "output_layer.weight" and arch.tied_embeddings:
+            continue  # the last stage's copy of the tied embedding
+        hf_names, kind = find_rule(arch, name)
+        shard = param.detach() if dtype is None else param.detach().to(dtype)
+        if groups.tp_size > 1:
+            shards = [torch.empty_like(shard) for _ in range(groups.tp_size)]
+            dist.all_gather(shards, shard.contiguous(), group=groups.tp_group)
+            full = tp_gather(kind, shards)
+        else:
+            full = shard
+        if groups.tp_rank != 0:
+            continue
+        for hf_name, tensor in zip(hf_names, to_hf(kind, full, arch)):
+            size = tensor.numel() * tensor.element_size()
+            if pending and (pending_bytes + size > bucket_bytes or tensor.dtype != pending[0][1].dtype):
+                yield WeightBucket.pack(pending)
+                pending, pending_bytes = [], 0
+            pending.append((hf_name, tensor.contiguous()))
+            pending_bytes += size
+    if pending and groups.tp_rank == 0:
+        yield WeightBucket.pack(pending)
+
+
+def _send_bucket(bucket: WeightBucket | None, group) -> None:
+    driver = dist.get_global_rank(group, 0)
+    header = None if bucket is None else (bucket.names, bucket.shapes, bucket.dtype, bucket.flat.numel())
+    dist.send_object_list([header], dst=driver, group=group)
+    if bucket is not None:
+        dist.send(bucket.flat, dst=driver, group=group)
+
+
+def _recv_bucket(src: int, group) -> WeightBucket | None:
+    header = [None]
+    dist.recv_object_list(header, src=src, group=group)
+    if header[0] is None:
+        return None
+    names, shapes, dtype, numel = header[0]
+    flat = torch.empty(numel, dtype=dtype)
+    dist.recv(flat, src=src, group=group)
+    return WeightBucket(names, shapes, dtype, flat)
