@@ -17,3 +17,5 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_vocab_parallel_loss.py
+	$(PYTHON) benchmarks/bench_conversion.py
+	$(PYTHON) benchmarks/bench_rollout.py

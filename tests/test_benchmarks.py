@@ -31,3 +31,14 @@ def test_conversion_benchmark_runs(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["rows"]) == {"hf_to_mcore (streaming)", "plain (model in memory + save)", "mcore_to_hf (streaming)"}
     assert all(row["seconds"] > 0 for row in record["rows"].values())
+
+
+def test_rollout_benchmark_runs(tmp_path):
+    out = tmp_path / "rollout.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["push_s"] > 0 and row["fleet_tokens_per_s"] > 0 and row["bare_tokens_per_s"] > 0

@@ -1,0 +1,171 @@
+"""Rollout fleet: weight-push time against model size, and fleet overhead on throughput.
+
+For each model size (random-weight Qwen3 shapes, tiny up to ~100M parameters, fp32) one
+engine is started in a Ray fleet, and in the same run:
+
+- push: `RolloutFleet.push_weights` of the whole model in 64 MiB buckets (serialise, Ray
+  object store, stage in the engine worker, validate, commit through vLLM's
+  `reload_weights`), as a ratio to a plain in-process copy of the same bytes;
+- throughput: generated tokens/s through `fleet.generate` against one bare `vllm.LLM` with
+  the same settings in its own process (the same prompts, n, lengths and seeds).
+
+    .venv/bin/python benchmarks/bench_rollout.py            # 3 sizes, ~6 minutes
+    .venv/bin/python benchmarks/bench_rollout.py --quick    # smallest size only (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # name: (hidden, ffn, layers, heads, kv heads, vocab)
+    "4M": (128, 384, 4, 4, 2, 4096),
+    "25M": (384, 1152, 6, 6, 2, 16384),
+    "100M": (768, 2304, 10, 12, 4, 32000),
+}
+NUM_PROMPTS, N, MAX_TOKENS, PROMPT_LEN = 32, 4, 64, 16
+
+BARE = r"""
+import sys, time, json
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    llm = LLM(model={model!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+              kv_cache_memory_bytes={kv}, max_model_len=512, max_num_seqs=128, seed=0,
+              gpu_memory_utilization=0.5, logprobs_mode="processed_logprobs")
+    prompts = {prompts!r}
+    warm = llm.generate([{{"prompt_token_ids": [0, 1, 2]}}], SamplingParams(max_tokens=2), use_tqdm=False)
+    rates = []
+    for repeat in range(3):
+        params = [SamplingParams(n={n}, seed=1_000_003 * 7 + i, max_tokens={max_tokens}, ignore_eos=True,
+                                 logprobs=0, top_k=-1, detokenize=False) for i in range(len(prompts))]
+        start = time.perf_counter()
+        out = llm.generate([{{"prompt_token_ids": p}} for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        rates.append(sum(len(s.token_ids) for o in out for s in o.outputs) / seconds)
+    print("RATES", json.dumps(rates))
+"""
+
+
+def make_model(size: str, path: Path):
+    import torch
+
+    from sdpg_megatron.model.hf_io import expected_hf_shapes, write_hf_checkpoint
+    from sdpg_megatron.model.qwen3 import Qwen3Arch
+
+    hidden, ffn, layers, heads, groups, vocab = SIZES[size]
+    arch = Qwen3Arch(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+                     num_query_groups=groups, kv_channels=64, vocab_size=vocab, tied_embeddings=True,
+                     max_position_embeddings=2048)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in expected_hf_shapes(arch).items()}
+    write_hf_checkpoint(path, arch, iter(tensors.items()), extra_config={"eos_token_id": 2})
+    return arch, tensors
+
+
+def in_process_copy_seconds(tensors: dict) -> float:
+    import torch
+
+    targets = {name: torch.empty_like(t) for name, t in tensors.items()}
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rollout_cpu.json")
+    args = parser.parse_args()
+
+    import ray
+
+    from sdpg_megatron.rollout.buckets import WeightBucket
+    from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings
+    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
+
+    run_dir = Path(tempfile.mkdtemp(prefix="sdpg-bench-", dir="/tmp"))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(run_dir / "vllm-cache"))
+    connect_ray(temp_dir=run_dir / "ray", num_cpus=2)
+    prompts = [[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)] for i in range(NUM_PROMPTS)]
+    kv_bytes = 256 * 2**20
+    rows = []
+    for size in (["4M"] if args.quick else list(SIZES)):
+        model_dir = run_dir / f"model-{size}"
+        arch, tensors = make_model(size, model_dir)
+        num_params = sum(t.numel() for t in tensors.values())
+        num_bytes = 4 * num_params
+        copy_s = in_process_copy_seconds(tensors)
+
+        fleet = RolloutFleet(FleetSettings(num_engines=1, cpus_per_engine=1, engine=EngineSettings(
+            model_dir=str(model_dir), kv_cache_bytes=kv_bytes, max_model_len=512, max_num_seqs=128)))
+        push_times = []
+        for _ in range(3):
+            items, buckets, pending, pending_bytes = list(tensors.items()), [], [], 0
+            for name, tensor in items:
+                if pending and pending_bytes + tensor.numel() * 4 > 64 * 2**20:
+                    buckets.append(WeightBucket.pack(pending))
+                    pending, pending_bytes = [], 0
+                pending.append((name, tensor))
+                pending_bytes += tensor.numel() * 4
+            buckets.append(WeightBucket.pack(pending))
+            start = time.perf_counter()
+            fleet.push_weights(buckets, version=fleet.version + 1)
+            push_times.append(time.perf_counter() - start)
+        push_s = min(push_times)
+
+        sampling = SamplingSettings(max_tokens=MAX_TOKENS, ignore_eos=True)
+        fleet.generate(prompts[:2], n=1, sampling=sampling, seed=0)
+        fleet_rates = []
+        for _ in range(3):
+            start = time.perf_counter()
+            rollouts = fleet.generate(prompts, n=N, sampling=sampling, seed=7)
+            fleet_rates.append(sum(len(r.token_ids) for g in rollouts for r in g) / (time.perf_counter() - start))
+        fleet.shutdown()
+        time.sleep(2)
+
+        script = BARE.format(model=str(model_dir), kv=kv_bytes, prompts=prompts, n=N, max_tokens=MAX_TOKENS)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")})
+        bare_line = [line for line in result.stdout.splitlines() if line.startswith("RATES ")]
+        if not bare_line:
+            raise RuntimeError(f"bare engine failed:\n{result.stderr[-3000:]}")
+        bare_rates = json.loads(bare_line[0][6:])
+        row = {
+            "size": size, "parameters": num_params, "bytes": num_bytes,
+            "push_s": push_s, "copy_s": copy_s, "push_over_copy": push_s / copy_s,
+            "fleet_tokens_per_s": max(fleet_rates), "bare_tokens_per_s": max(bare_rates),
+        }
+        row["fleet_overhead"] = 1 - row["fleet_tokens_per_s"] / row["bare_tokens_per_s"]
+        rows.append(row)
+        print(f"{size}: {num_params / 1e6:.1f}M params, push {push_s:.3f} s vs copy {copy_s:.4f} s "
+              f"({row['push_over_copy']:.0f}x); fleet {row['fleet_tokens_per_s']:.0f} tok/s vs bare "
+              f"{row['bare_tokens_per_s']:.0f} tok/s (overhead {100 * row['fleet_overhead']:+.1f}%)", flush=True)
+    ray.shutdown()
+
+    print(f"\n{'model':>6s} {'params':>8s} {'push':>9s} {'copy':>9s} {'push/copy':>10s} {'fleet tok/s':>12s} "
+          f"{'bare tok/s':>11s} {'overhead':>9s}")
+    for row in rows:
+        print(f"{row['size']:>6s} {row['parameters'] / 1e6:7.1f}M {row['push_s']:8.3f}s {row['copy_s']:8.4f}s "
+              f"{row['push_over_copy']:9.0f}x {row['fleet_tokens_per_s']:12.0f} {row['bare_tokens_per_s']:11.0f} "
+              f"{100 * row['fleet_overhead']:+8.1f}%")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "num_prompts": NUM_PROMPTS, "n": N, "max_tokens": MAX_TOKENS,
+                                    "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
