@@ -7,7 +7,6 @@ is the one place that checks a config and raises `ValueError` naming the field a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -207,6 +206,3 @@ def _validate_algorithm(c: AlgorithmConfig) -> None:
         "the loss has no term: enable use_outcome, set beta_base > 0 or choose an anchor with alpha > 0",
     )
 
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)

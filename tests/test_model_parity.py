@@ -36,7 +36,7 @@ def tiny_hf_model(tied: bool):
 
 def _pipeline_forward(model, config, input_ids, return_hidden: bool):
     """Forward-only through Megatron's schedule; the last stage returns its output."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from sdpg_megatron.model.training import forward_only
 
     positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
     outputs = []
@@ -50,12 +50,8 @@ def _pipeline_forward(model, config, input_ids, return_hidden: bool):
 
         return output, collect
 
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
-            num_microbatches=1, seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0],
-            forward_only=True,
-        )
+    forward_only(model, forward_step, iter([None]), num_microbatches=1,
+                 seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0])
     return outputs[0] if outputs else None
 
 

@@ -41,10 +41,6 @@ def apply_cpu_shim() -> bool:
     return True
 
 
-def cpu_shim_active() -> bool:
-    return _applied
-
-
 # --------------------------------------------------------------------------- 1. devices
 
 
