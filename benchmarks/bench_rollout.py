@@ -7,9 +7,11 @@ engine is started in a Ray fleet, and in the same run:
   object store, stage in the engine worker, validate, commit through vLLM's
   `reload_weights`), as a ratio to a plain in-process copy of the same bytes;
 - throughput: generated tokens/s through `fleet.generate` against one bare `vllm.LLM` with
-  the same settings in its own process (the same prompts, n, lengths and seeds).
+  the same settings in its own process (the same prompts, n, lengths and seeds), median of
+  5 batches each; and the latency of a 1-token request both ways, which isolates the
+  fleet's fixed per-call cost (Ray round trip, result conversion) from run-to-run noise.
 
-    .venv/bin/python benchmarks/bench_rollout.py            # 3 sizes, ~6 minutes
+    .venv/bin/python benchmarks/bench_rollout.py            # 3 sizes, ~10 minutes
     .venv/bin/python benchmarks/bench_rollout.py --quick    # smallest size only (CI)
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,8 +46,12 @@ if __name__ == "__main__":
               gpu_memory_utilization=0.5, logprobs_mode="processed_logprobs")
     prompts = {prompts!r}
     warm = llm.generate([{{"prompt_token_ids": [0, 1, 2]}}], SamplingParams(max_tokens=2), use_tqdm=False)
+    start = time.perf_counter()
+    for _ in range(10):
+        llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tokens=1), use_tqdm=False)
+    print("LATENCY", (time.perf_counter() - start) / 10)
     rates = []
-    for repeat in range(3):
+    for repeat in range(5):
         params = [SamplingParams(n={n}, seed=1_000_003 * 7 + i, max_tokens={max_tokens}, ignore_eos=True,
                                  logprobs=0, top_k=-1, detokenize=False) for i in range(len(prompts))]
         start = time.perf_counter()
@@ -127,9 +134,14 @@ def main() -> None:
         push_s = min(push_times)
 
         sampling = SamplingSettings(max_tokens=MAX_TOKENS, ignore_eos=True)
-        fleet.generate(prompts[:2], n=1, sampling=sampling, seed=0)
+        one_token = SamplingSettings(max_tokens=1)
+        fleet.generate([[1, 2, 3]], n=1, sampling=one_token)
+        start = time.perf_counter()
+        for _ in range(10):
+            fleet.generate([[1, 2, 3]], n=1, sampling=one_token)
+        fleet_latency = (time.perf_counter() - start) / 10
         fleet_rates = []
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             rollouts = fleet.generate(prompts, n=N, sampling=sampling, seed=7)
             fleet_rates.append(sum(len(r.token_ids) for g in rollouts for r in g) / (time.perf_counter() - start))
@@ -143,24 +155,28 @@ def main() -> None:
         if not bare_line:
             raise RuntimeError(f"bare engine failed:\n{result.stderr[-3000:]}")
         bare_rates = json.loads(bare_line[0][6:])
+        bare_latency = float(next(line for line in result.stdout.splitlines() if line.startswith("LATENCY ")).split()[1])
         row = {
             "size": size, "parameters": num_params, "bytes": num_bytes,
             "push_s": push_s, "copy_s": copy_s, "push_over_copy": push_s / copy_s,
-            "fleet_tokens_per_s": max(fleet_rates), "bare_tokens_per_s": max(bare_rates),
+            "fleet_tokens_per_s": statistics.median(fleet_rates), "bare_tokens_per_s": statistics.median(bare_rates),
+            "fleet_rates": fleet_rates, "bare_rates": bare_rates,
+            "fleet_call_latency_s": fleet_latency, "bare_call_latency_s": bare_latency,
         }
         row["fleet_overhead"] = 1 - row["fleet_tokens_per_s"] / row["bare_tokens_per_s"]
         rows.append(row)
         print(f"{size}: {num_params / 1e6:.1f}M params, push {push_s:.3f} s vs copy {copy_s:.4f} s "
               f"({row['push_over_copy']:.0f}x); fleet {row['fleet_tokens_per_s']:.0f} tok/s vs bare "
-              f"{row['bare_tokens_per_s']:.0f} tok/s (overhead {100 * row['fleet_overhead']:+.1f}%)", flush=True)
+              f"{row['bare_tokens_per_s']:.0f} tok/s (overhead {100 * row['fleet_overhead']:+.1f}%); 1-token call "
+              f"{1000 * fleet_latency:.1f} ms vs {1000 * bare_latency:.1f} ms", flush=True)
     ray.shutdown()
 
     print(f"\n{'model':>6s} {'params':>8s} {'push':>9s} {'copy':>9s} {'push/copy':>10s} {'fleet tok/s':>12s} "
-          f"{'bare tok/s':>11s} {'overhead':>9s}")
+          f"{'bare tok/s':>11s} {'overhead':>9s} {'call fleet/bare':>16s}")
     for row in rows:
         print(f"{row['size']:>6s} {row['parameters'] / 1e6:7.1f}M {row['push_s']:8.3f}s {row['copy_s']:8.4f}s "
               f"{row['push_over_copy']:9.0f}x {row['fleet_tokens_per_s']:12.0f} {row['bare_tokens_per_s']:11.0f} "
-              f"{100 * row['fleet_overhead']:+8.1f}%")
+              f"{100 * row['fleet_overhead']:+8.1f}% {1000 * row['fleet_call_latency_s']:7.1f}/{1000 * row['bare_call_latency_s']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "num_prompts": NUM_PROMPTS, "n": N, "max_tokens": MAX_TOKENS,
                                     "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
