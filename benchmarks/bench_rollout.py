@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,7 @@ def main() -> None:
               f"{row['bare_tokens_per_s']:.0f} tok/s (overhead {100 * row['fleet_overhead']:+.1f}%); 1-token call "
               f"{1000 * fleet_latency:.1f} ms vs {1000 * bare_latency:.1f} ms", flush=True)
     ray.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
     print(f"\n{'model':>6s} {'params':>8s} {'push':>9s} {'copy':>9s} {'push/copy':>10s} {'fleet tok/s':>12s} "
           f"{'bare tok/s':>11s} {'overhead':>9s} {'call fleet/bare':>16s}")

@@ -6,6 +6,7 @@ One engine serves the whole module (starting one costs ~30 s on this machine).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ def fleet(tmp_path_factory):
     import ray
 
     ray.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _hf_logprobs(model, sequences):
