@@ -7,8 +7,8 @@ engine is started in a Ray fleet, and in the same run:
   object store, stage in the engine worker, validate, commit through vLLM's
   `reload_weights`), as a ratio to a plain in-process copy of the same bytes;
 - throughput: generated tokens/s through `fleet.generate` against one bare `vllm.LLM` with
-  the same settings in its own process (the same prompts, n, lengths and seeds), median of
-  5 batches each; and the latency of a 1-token request both ways, which isolates the
+  the same settings in its own process (the same prompts, n, lengths and seeds); both stay
+  alive and their batches alternate (5 each, medians), so drift hits both alike; and the latency of a 1-token request both ways, which isolates the
   fleet's fixed per-call cost (Ray round trip, result conversion) from run-to-run noise.
 
     .venv/bin/python benchmarks/bench_rollout.py            # 3 sizes, ~10 minutes
@@ -39,28 +39,56 @@ SIZES = {  # name: (hidden, ffn, layers, heads, kv heads, vocab)
 NUM_PROMPTS, N, MAX_TOKENS, PROMPT_LEN = 32, 4, 64, 16
 
 BARE = r"""
-import sys, time, json
+import sys, time
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     llm = LLM(model={model!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
               kv_cache_memory_bytes={kv}, max_model_len=512, max_num_seqs=128, seed=0,
-              gpu_memory_utilization=0.5, logprobs_mode="processed_logprobs")
+              gpu_memory_utilization=0.3, logprobs_mode="processed_logprobs")
     prompts = {prompts!r}
-    warm = llm.generate([{{"prompt_token_ids": [0, 1, 2]}}], SamplingParams(max_tokens=2), use_tqdm=False)
-    start = time.perf_counter()
-    for _ in range(10):
-        llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tokens=1), use_tqdm=False)
-    print("LATENCY", (time.perf_counter() - start) / 10)
-    rates = []
-    for repeat in range(5):
-        params = [SamplingParams(n={n}, seed=1_000_003 * 7 + i, max_tokens={max_tokens}, ignore_eos=True,
-                                 logprobs=0, top_k=-1, detokenize=False) for i in range(len(prompts))]
-        start = time.perf_counter()
-        out = llm.generate([{{"prompt_token_ids": p}} for p in prompts], params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        rates.append(sum(len(s.token_ids) for o in out for s in o.outputs) / seconds)
-    print("RATES", json.dumps(rates))
+    llm.generate([{{"prompt_token_ids": [0, 1, 2]}}], SamplingParams(max_tokens=2), use_tqdm=False)
+    print("READY", flush=True)
+    for command in sys.stdin:  # the benchmark alternates: one fleet batch, one bare batch, ...
+        if command.strip() == "latency":
+            start = time.perf_counter()
+            for _ in range(10):
+                llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tokens=1), use_tqdm=False)
+            print("LATENCY", (time.perf_counter() - start) / 10, flush=True)
+        elif command.strip() == "batch":
+            params = [SamplingParams(n={n}, seed=1_000_003 * 7 + i, max_tokens={max_tokens}, ignore_eos=True,
+                                     logprobs=0, top_k=-1, detokenize=False) for i in range(len(prompts))]
+            start = time.perf_counter()
+            out = llm.generate([{{"prompt_token_ids": p}} for p in prompts], params, use_tqdm=False)
+            tokens = sum(len(s.token_ids) for o in out for s in o.outputs)
+            print("RATE", tokens / (time.perf_counter() - start), flush=True)
+        else:
+            break
 """
+
+
+class BareEngine:
+    """One `vllm.LLM` in its own process, driven line by line so batches can alternate."""
+
+    def __init__(self, script: str):
+        self.process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line
+        raise RuntimeError(f"bare engine exited (code {self.process.wait()}) before printing {prefix}")
+
+    def ask(self, command: str, prefix: str) -> float:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return float(self._expect(prefix).split()[1])
+
+    def close(self) -> None:
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        self.process.wait(timeout=120)
 
 
 def make_model(size: str, path: Path):
@@ -134,6 +162,9 @@ def main() -> None:
             push_times.append(time.perf_counter() - start)
         push_s = min(push_times)
 
+        # Both engines stay alive and batches alternate, so drift on the shared cores hits
+        # both sides alike; an idle vLLM engine waits without spinning.
+        bare = BareEngine(BARE.format(model=str(model_dir), kv=kv_bytes, prompts=prompts, n=N, max_tokens=MAX_TOKENS))
         sampling = SamplingSettings(max_tokens=MAX_TOKENS, ignore_eos=True)
         one_token = SamplingSettings(max_tokens=1)
         fleet.generate([[1, 2, 3]], n=1, sampling=one_token)
@@ -141,22 +172,16 @@ def main() -> None:
         for _ in range(10):
             fleet.generate([[1, 2, 3]], n=1, sampling=one_token)
         fleet_latency = (time.perf_counter() - start) / 10
-        fleet_rates = []
+        bare_latency = bare.ask("latency", "LATENCY")
+        fleet_rates, bare_rates = [], []
         for _ in range(5):
             start = time.perf_counter()
             rollouts = fleet.generate(prompts, n=N, sampling=sampling, seed=7)
             fleet_rates.append(sum(len(r.token_ids) for g in rollouts for r in g) / (time.perf_counter() - start))
+            bare_rates.append(bare.ask("batch", "RATE"))
+        bare.close()
         fleet.shutdown()
         time.sleep(2)
-
-        script = BARE.format(model=str(model_dir), kv=kv_bytes, prompts=prompts, n=N, max_tokens=MAX_TOKENS)
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")})
-        bare_line = [line for line in result.stdout.splitlines() if line.startswith("RATES ")]
-        if not bare_line:
-            raise RuntimeError(f"bare engine failed:\n{result.stderr[-3000:]}")
-        bare_rates = json.loads(bare_line[0][6:])
-        bare_latency = float(next(line for line in result.stdout.splitlines() if line.startswith("LATENCY ")).split()[1])
         row = {
             "size": size, "parameters": num_params, "bytes": num_bytes,
             "push_s": push_s, "copy_s": copy_s, "push_over_copy": push_s / copy_s,
