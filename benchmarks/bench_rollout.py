@@ -128,7 +128,7 @@ def main() -> None:
 
     import ray
 
-    from sdpg_megatron.rollout.buckets import WeightBucket
+    from sdpg_megatron.rollout.buckets import pack_buckets
     from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings
     from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
 
@@ -149,14 +149,7 @@ def main() -> None:
             model_dir=str(model_dir), kv_cache_bytes=kv_bytes, max_model_len=512, max_num_seqs=128)))
         push_times = []
         for _ in range(3):
-            items, buckets, pending, pending_bytes = list(tensors.items()), [], [], 0
-            for name, tensor in items:
-                if pending and pending_bytes + tensor.numel() * 4 > 64 * 2**20:
-                    buckets.append(WeightBucket.pack(pending))
-                    pending, pending_bytes = [], 0
-                pending.append((name, tensor))
-                pending_bytes += tensor.numel() * 4
-            buckets.append(WeightBucket.pack(pending))
+            buckets = list(pack_buckets(tensors.items(), 64 * 2**20))
             start = time.perf_counter()
             fleet.push_weights(buckets, version=fleet.version + 1)
             push_times.append(time.perf_counter() - start)

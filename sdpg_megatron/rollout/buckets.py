@@ -11,7 +11,7 @@ as it arrives; so a trainer rank holds at most one bucket plus one gathered tens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -91,11 +91,29 @@ def hf_buckets(
                 yield bucket
 
 
-def _stage_buckets(model, arch, groups, bucket_bytes, dtype) -> Iterator[WeightBucket]:
-    """This stage's HF tensors in buckets (on TP rank 0; other TP ranks only gather)."""
-    offset = layer_offset(arch.num_layers, groups.pp_size, groups.pp_rank)
+def pack_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[WeightBucket]:
+    """Group (name, tensor) pairs, in order, into buckets of at most `bucket_bytes` (a larger
+    tensor gets a bucket of its own; a dtype change starts a new bucket)."""
     pending: list[tuple[str, torch.Tensor]] = []
     pending_bytes = 0
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if pending and (pending_bytes + size > bucket_bytes or tensor.dtype != pending[0][1].dtype):
+            yield WeightBucket.pack(pending)
+            pending, pending_bytes = [], 0
+        pending.append((name, tensor.contiguous()))
+        pending_bytes += size
+    if pending:
+        yield WeightBucket.pack(pending)
+
+
+def _stage_buckets(model, arch, groups, bucket_bytes, dtype) -> Iterator[WeightBucket]:
+    """This stage's HF tensors in buckets (on TP rank 0; other TP ranks only gather)."""
+    return pack_buckets(_stage_hf_tensors(model, arch, groups, dtype), bucket_bytes)
+
+
+def _stage_hf_tensors(model, arch, groups, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    offset = layer_offset(arch.num_layers, groups.pp_size, groups.pp_rank)
     for local_name, param in model.named_parameters():
         name = global_name(local_name, offset)
         if name == "output_layer.weight" and arch.tied_embeddings:
@@ -108,17 +126,8 @@ def _stage_buckets(model, arch, groups, bucket_bytes, dtype) -> Iterator[WeightB
             full = tp_gather(kind, shards)
         else:
             full = shard
-        if groups.tp_rank != 0:
-            continue
-        for hf_name, tensor in zip(hf_names, to_hf(kind, full, arch)):
-            size = tensor.numel() * tensor.element_size()
-            if pending and (pending_bytes + size > bucket_bytes or tensor.dtype != pending[0][1].dtype):
-                yield WeightBucket.pack(pending)
-                pending, pending_bytes = [], 0
-            pending.append((hf_name, tensor.contiguous()))
-            pending_bytes += size
-    if pending and groups.tp_rank == 0:
-        yield WeightBucket.pack(pending)
+        if groups.tp_rank == 0:
+            yield from zip(hf_names, to_hf(kind, full, arch))
 
 
 def _send_bucket(bucket: WeightBucket | None, group) -> None:
