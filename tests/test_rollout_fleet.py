@@ -81,6 +81,8 @@ def test_generate_returns_n_rollouts_per_prompt_with_logprobs(fleet):
     assert _max_diff([e[-len(g):] for e, g in zip(expected, got)], got) < 1e-4
     again = fleet.generate(prompts, n=3, sampling=SamplingSettings(max_tokens=8), seed=1)
     assert [[r.token_ids for r in g] for g in again] == [[r.token_ids for r in g] for g in rollouts]
+    # seeded, yet the n samples of a prompt are n independent draws (not one draw n times)
+    assert all(len({tuple(r.token_ids) for r in group}) > 1 for group in rollouts)
 
 
 def _megatron_push(rank: int, world_size: int, tp: int, pp: int, noise_seed: int) -> dict:
@@ -136,6 +138,11 @@ def test_push_from_megatron_matches_megatron_forward(fleet, tp, pp):
     after = fleet.generate(prompts, n=2, sampling=SamplingSettings(max_tokens=12, ignore_eos=True), seed=5)
     assert all(r.weight_version == fleet.version for g in after for r in g)
     assert [[r.token_ids for r in g] for g in after] != [[r.token_ids for r in g] for g in before]
+    # The prompts' KV was cached under the old weights: sampling log-probs after the push
+    # must be the new weights' (teacher-forced scoring bypasses the prefix cache).
+    sequences = [prompts[r.prompt_index] + r.token_ids for g in after for r in g]
+    expected = [s[-len(r.token_ids):] for s, r in zip(fleet.score(sequences), [r for g in after for r in g])]
+    assert _max_diff(expected, [r.logprobs for g in after for r in g]) < 1e-4
 
 
 def test_bad_pushes_are_rejected_and_weights_kept(fleet):

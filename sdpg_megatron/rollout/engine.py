@@ -76,30 +76,39 @@ class VLLMEngine:
 
     def generate(self, requests: list[tuple[list[int], int, int | None]], sampling: SamplingSettings) -> dict:
         """requests: (prompt token ids, n, seed). Returns per request n samples and the
-        weight version that produced them."""
+        weight version that produced them.
+
+        A seeded request becomes n single-sample requests seeded seed, seed + 1, ...: vLLM
+        gives every sample of one seeded n-sample request the same random stream, i.e. n
+        identical responses. The prompt's KV is still shared through the prefix cache."""
         from vllm import SamplingParams
 
-        params = [
-            SamplingParams(
+        def params(n: int, seed: int | None) -> SamplingParams:
+            return SamplingParams(
                 n=n, seed=seed, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, max_tokens=sampling.max_tokens, logprobs=0,
                 stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
                 detokenize=False,
             )
-            for _, n, seed in requests
-        ]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p, _, _ in requests], params, use_tqdm=False)
-        samples = [
-            [
+
+        prompts, sampling_params, owner = [], [], []
+        for index, (prompt, n, seed) in enumerate(requests):
+            expanded = [(1, seed + k) for k in range(n)] if seed is not None else [(n, None)]
+            for count, sample_seed in expanded:
+                prompts.append({"prompt_token_ids": list(prompt)})
+                sampling_params.append(params(count, sample_seed))
+                owner.append(index)
+        outputs = self.llm.generate(prompts, sampling_params, use_tqdm=False)
+        samples: list[list[dict]] = [[] for _ in requests]
+        for index, output in zip(owner, outputs):
+            samples[index].extend(
                 {
                     "token_ids": list(sample.token_ids),
                     "logprobs": [step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs)],
                     "finish_reason": sample.finish_reason,
                 }
                 for sample in output.outputs
-            ]
-            for output in outputs
-        ]
+            )
         return {"samples": samples, "version": self.version, "engine": self.name}
 
     def score(self, sequences: list[list[int]]) -> dict:
@@ -122,6 +131,10 @@ class VLLMEngine:
 
     def commit_weights(self, version: int) -> int:
         count = self._rpc("sdpg_commit")
+        # Cached prefix KV was computed with the old weights: a shared prompt prefix (the
+        # chat template, the instruction) would otherwise be served stale.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"engine {self.name}: vLLM refused to reset its prefix cache after a weight commit")
         self.version = version
         return count
 

@@ -136,12 +136,13 @@ class RolloutFleet:
     def generate(
         self, prompts: list[list[int]], n: int, sampling: SamplingSettings, *, seed: int | None = None
     ) -> list[list[Rollout]]:
-        """n rollouts for each prompt, in prompt order; seeds derive from (seed, prompt index)."""
+        """n rollouts for each prompt, in prompt order; sample k of prompt p is seeded from
+        (seed, p, k), so a batch is reproducible and no two samples share a random stream."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         shards = [list(range(i, len(prompts), len(self.engines))) for i in range(len(self.engines))]
         requests = {
-            i: [(prompts[p], n, None if seed is None else seed * 1_000_003 + p) for p in shard]
+            i: [(prompts[p], n, None if seed is None else seed * 1_000_003 + p * n) for p in shard]
             for i, shard in enumerate(shards) if shard
         }
         pending = {i: self.engines[i].generate.remote(reqs, sampling) for i, reqs in requests.items()}
