@@ -1,0 +1,41 @@
+"""Problems, prompts and tokenizers: DAPO-Math parquet, the student/teacher templates of
+METHOD.md, a character tokenizer with Qwen3's chat tokens, and a synthetic arithmetic task.
+"""
+
+from sdpg_megatron.data.dapo import (
+    DatasetReport,
+    Problem,
+    PromptSampler,
+    extract_question,
+    load_dapo_parquet,
+    write_dapo_parquet,
+)
+from sdpg_megatron.data.synthetic import arithmetic_problems, sft_examples
+from sdpg_megatron.data.templates import (
+    EncodedPrompt,
+    PromptTooLongError,
+    encode_problem,
+    render_prompt,
+    student_content,
+    teacher_content,
+)
+from sdpg_megatron.data.tokenizer import CHAT_EOS, build_char_tokenizer
+
+__all__ = [
+    "CHAT_EOS",
+    "DatasetReport",
+    "EncodedPrompt",
+    "Problem",
+    "PromptSampler",
+    "PromptTooLongError",
+    "arithmetic_problems",
+    "build_char_tokenizer",
+    "encode_problem",
+    "extract_question",
+    "load_dapo_parquet",
+    "render_prompt",
+    "sft_examples",
+    "student_content",
+    "teacher_content",
+    "write_dapo_parquet",
+]

@@ -1,0 +1,63 @@
+"""A character-level tokenizer with Qwen3's chat tokens, for tiny models and CPU tests.
+
+One token per printable ASCII character (32..126) and "\\n", `<unk>` for anything else,
+plus Qwen3's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as single special tokens and
+Qwen3's chat layout (thinking omitted). Encoding is lossless on printable ASCII with
+newlines: no normaliser, no BOS, no whitespace handling, a decoder that only concatenates.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import transformers
+
+CHAT_EOS = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+UNK_TOKEN = "<unk>"
+SPECIAL_TOKENS = (PAD_TOKEN, "<|im_start|>", CHAT_EOS)
+
+CHARACTERS = tuple(chr(code) for code in range(32, 127)) + ("\n",)
+
+# Qwen3's template for plain user/assistant/system turns, without the <think> handling.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_char_tokenizer(
+    out_dir: str | os.PathLike | None = None,
+) -> transformers.PreTrainedTokenizerFast:
+    """The character tokenizer (vocab size 100); saved to out_dir when given.
+
+    Ids: 0 `<unk>`, 1..96 the characters, 97..99 the special tokens in SPECIAL_TOKENS order.
+    """
+    import transformers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {UNK_TOKEN: 0}
+    for character in CHARACTERS:
+        vocab[character] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    # Every character is its own word; WordLevel then maps it to one id.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK_TOKEN,
+        eos_token=CHAT_EOS,
+        pad_token=PAD_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    if out_dir is not None:
+        tokenizer.save_pretrained(os.fspath(out_dir))
+    return tokenizer

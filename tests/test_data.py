@@ -1,0 +1,340 @@
+"""sdpg_megatron.data: parquet loading, sampling, templates, char tokenizer, synthetic task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sdpg_megatron.data import (
+    CHAT_EOS,
+    Problem,
+    PromptSampler,
+    PromptTooLongError,
+    arithmetic_problems,
+    build_char_tokenizer,
+    encode_problem,
+    extract_question,
+    load_dapo_parquet,
+    render_prompt,
+    sft_examples,
+    student_content,
+    teacher_content,
+    write_dapo_parquet,
+)
+
+EVAL_DIR = Path(os.environ.get("SDPG_EVAL_DIR", "/work/shared/data/eval"))
+EVAL_FILES = {"aime-2024.parquet": 30, "aime25.parquet": 30, "amc-23.parquet": 40}
+
+DAPO_WRAPPED = (
+    "Solve the following math problem step by step. The last line of your response should "
+    "be of the form Answer: $Answer (without quotes) where $Answer is the answer to the "
+    "problem.\n\n{question}\n\nRemember to put your answer on its own line after \"Answer:\"."
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def _user(content):
+    return [{"role": "user", "content": content}]
+
+
+def _write_rows(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _row(content, ground_truth, index=None, solution=None):
+    extra_info = {"index": index, "solution": solution}
+    return {
+        "data_source": "test",
+        "prompt": content if isinstance(content, list) else _user(content),
+        "ability": "MATH",
+        "reward_model": {"ground_truth": ground_truth, "style": "rule"},
+        "extra_info": extra_info,
+    }
+
+
+# ---- DAPO parquet -------------------------------------------------------------------
+
+
+def test_dedup_and_invalid_rows(tmp_path):
+    rows = [
+        _row(DAPO_WRAPPED.format(question="What is 1+1?"), "2", index="a"),
+        _row(DAPO_WRAPPED.format(question="What is 2+2?"), "", index="b"),  # no ground truth
+        _row([], "3", index="c"),  # empty prompt
+        _row(DAPO_WRAPPED.format(question="What is 1+1?"), "2", index="a"),  # duplicate
+        _row([{"role": "system", "content": "be brief"}], "5", index="d"),  # no user message
+        _row(DAPO_WRAPPED.format(question="  "), "7", index="e"),  # empty question
+        _row(student_content("What is 3+3?"), "6", index="f", solution="3+3=6"),
+        # same question, other answer: not a duplicate
+        _row("  What is 1+1?\n", "3", index="g"),
+    ]
+    path = tmp_path / "train.parquet"
+    _write_rows(path, rows)
+    report = load_dapo_parquet(path)
+    assert report.num_rows == 8
+    assert report.num_duplicates == 1
+    assert report.num_invalid == 4
+    assert report.invalid == [
+        "row 1: no ground truth (reward_model.ground_truth is empty)",
+        "row 2: no user message in prompt",
+        "row 4: no user message in prompt",
+        "row 5: empty question in the user message",
+    ]
+    assert [(p.uid, p.question, p.answer, p.solution) for p in report.problems] == [
+        ("a", "What is 1+1?", "2", None),
+        ("f", "What is 3+3?", "6", "3+3=6"),
+        ("g", "What is 1+1?", "3", None),
+    ]
+    assert all(p.data_source == "test" for p in report.problems)
+
+
+def test_invalid_reasons_are_capped(tmp_path):
+    path = tmp_path / "bad.parquet"
+    _write_rows(path, [_row(f"q{k}", None) for k in range(30)])
+    report = load_dapo_parquet(path)
+    assert report.num_invalid == 30 and len(report.invalid) == 20 and report.problems == []
+
+
+def test_uid_falls_back_to_question_hash_when_index_is_not_a_problem_id(tmp_path):
+    path = tmp_path / "eval.parquet"
+    # index holds the sample number, as in the AIME 2025 / AMC 2023 eval files
+    _write_rows(path, [_row(q, "1", index=k) for k in range(2) for q in ("x?", "y?")])
+    first = load_dapo_parquet(path).problems
+    assert len(first) == 2 and len({p.uid for p in first}) == 2
+    assert all(p.uid.startswith("q-") for p in first)
+    assert [p.uid for p in load_dapo_parquet(path).problems] == [p.uid for p in first]
+
+
+def test_missing_column_and_missing_file(tmp_path):
+    path = tmp_path / "no_reward.parquet"
+    rows = [_row("q", "1")]
+    del rows[0]["reward_model"]
+    _write_rows(path, rows)
+    with pytest.raises(ValueError, match=r"no_reward\.parquet.*reward_model"):
+        load_dapo_parquet(path)
+    with pytest.raises(ValueError, match="nowhere.parquet"):
+        load_dapo_parquet(tmp_path / "nowhere.parquet")
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_FILES))
+def test_real_eval_files(name):
+    path = EVAL_DIR / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    report = load_dapo_parquet(path)
+    assert len(report.problems) == EVAL_FILES[name]
+    assert report.num_rows == 32 * EVAL_FILES[name]
+    assert report.num_invalid == 0
+    assert report.num_duplicates == report.num_rows - len(report.problems)
+    assert len({p.uid for p in report.problems}) == len(report.problems)
+    raw = {
+        row["raw_problem"].strip()
+        for row in pq.read_table(path, columns=["extra_info"]).column("extra_info").to_pylist()
+    }
+    for problem in report.problems:
+        assert "Answer:" not in problem.question and "step by step" not in problem.question
+        assert problem.question == problem.question.strip() and problem.answer
+        assert problem.question in raw
+
+
+def test_extract_question_is_whitespace_tolerant():
+    sloppy = DAPO_WRAPPED.format(question="Q?").replace("\n\n", "\n  ").replace(". ", ".  ")
+    assert extract_question(sloppy) == "Q?"
+    assert extract_question(student_content("a\nb")) == "a\nb"
+    assert extract_question("  plain question  ") == "plain question"
+
+
+def test_write_load_round_trip(tmp_path):
+    problems = arithmetic_problems(50, seed=3)
+    problems.append(Problem(uid="u1", question="Why {x}?", answer="\\frac{1}{2}"))
+    for wrap in ("boxed", "answer", "none"):
+        path = tmp_path / wrap / "synthetic.parquet"
+        write_dapo_parquet(problems, path, wrap=wrap)
+        assert [p.name for p in path.parent.iterdir()] == ["synthetic.parquet"]
+        report = load_dapo_parquet(path)
+        assert report.problems == problems
+        assert report.num_duplicates == report.num_invalid == 0
+    row = pq.read_table(path).to_pylist()[0]
+    assert row["reward_model"] == {"ground_truth": problems[0].answer, "style": "rule"}
+    assert row["ability"] == "MATH"
+    assert row["extra_info"]["index"] == problems[0].uid
+    boxed = pq.read_table(tmp_path / "boxed" / "synthetic.parquet").to_pylist()[0]
+    assert boxed["prompt"] == _user(student_content(problems[0].question))
+
+
+# ---- sampler ------------------------------------------------------------------------
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step():
+    problems = [Problem(uid=str(k), question=f"q{k}", answer="1") for k in range(10)]
+    sampler = PromptSampler(problems, seed=7)
+    batches = [sampler.batch(step, 4) for step in range(10)]
+    resumed = PromptSampler(problems, seed=7)
+    assert [resumed.batch(step, 4) for step in (5, 2, 9)] == [batches[5], batches[2], batches[9]]
+    assert batches[0] != batches[1]
+    assert PromptSampler(problems, seed=8).batch(0, 10) != sampler.batch(0, 10)
+    stream = [p for batch in batches for p in batch]
+    for epoch in range(4):
+        assert sorted(p.uid for p in stream[10 * epoch: 10 * (epoch + 1)]) == sorted(
+            p.uid for p in problems
+        )
+    assert stream[:10] != stream[10:20]  # each epoch draws a new permutation
+    with pytest.raises(ValueError):
+        PromptSampler([], seed=0)
+
+
+# ---- templates ----------------------------------------------------------------------
+
+
+def test_template_texts():
+    assert student_content("Q") == (
+        "Solve the following math problem step by step. Present your final answer inside "
+        "\\boxed{}, for example \\boxed{42}.\n\nQ\n\n"
+        "Remember to put your final answer inside \\boxed{}."
+    )
+    assert teacher_content("Q", "7") == student_content("Q") + (
+        "\n\nThe correct answer to this problem is: 7\n"
+        "Use this to verify your reasoning, but show your full solution process."
+    )
+    with_solution = teacher_content("Q", "7", "3 + 4 = 7.")
+    assert with_solution.startswith(student_content("Q") + "\n\n[Hint] The correct answer is 7.")
+    assert "A common way to solve this is:\n3 + 4 = 7.\n[Instruction] If possible" in with_solution
+    assert "derive the answer 7 using an alternative" in with_solution
+    assert with_solution.endswith("Do NOT state that you were given the answer or reference.")
+
+
+def test_teacher_prompt_extends_student_prefix(tokenizer):
+    problem = Problem(uid="p", question="What is 2 + 2?", answer="4", solution="2 + 2 = 4.")
+    student_prefix = tokenizer.encode("<|im_start|>user\n")
+    assert render_prompt(tokenizer, "")[: len(student_prefix)] == student_prefix
+    assistant_header = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+    for privileged in ("answer", "answer+solution"):
+        encoded = encode_problem(tokenizer, problem, max_prompt_tokens=2048, privileged=privileged)
+        assert isinstance(encoded.student_ids, list)
+        assert all(type(token_id) is int for token_id in encoded.student_ids)
+        assert len(encoded.teacher_ids) > len(encoded.student_ids)
+        # identical up to the end of the student content, then the privileged context
+        content_end = len(encoded.student_ids) - len(assistant_header)
+        assert encoded.teacher_ids[:content_end] == encoded.student_ids[:content_end]
+        assert encoded.teacher_ids[: len(student_prefix)] == student_prefix
+        assert encoded.teacher_ids[-len(assistant_header):] == assistant_header
+    answer_only = encode_problem(tokenizer, problem, max_prompt_tokens=2048)
+    no_solution = Problem(uid="p", question=problem.question, answer="4")
+    fallback = encode_problem(tokenizer, no_solution, max_prompt_tokens=2048,
+                              privileged="answer+solution")
+    assert fallback == answer_only
+    none = encode_problem(tokenizer, problem, max_prompt_tokens=2048, privileged="none")
+    assert none.teacher_ids == none.student_ids == answer_only.student_ids
+
+
+def test_prompt_too_long(tokenizer):
+    problem = Problem(uid="long-1", question="x" * 50, answer="1")
+    num_student = len(render_prompt(tokenizer, student_content(problem.question)))
+    with pytest.raises(PromptTooLongError, match=rf"long-1.*{num_student}.*{num_student - 1}"):
+        encode_problem(tokenizer, problem, max_prompt_tokens=num_student - 1)
+    # the student fits, the teacher does not: still an error, never a truncation
+    with pytest.raises(PromptTooLongError, match="teacher"):
+        encode_problem(tokenizer, problem, max_prompt_tokens=num_student)
+    assert issubclass(PromptTooLongError, ValueError)
+    with pytest.raises(ValueError, match="privileged"):
+        encode_problem(tokenizer, problem, max_prompt_tokens=10**6, privileged="solution")
+
+
+def test_render_prompt_passes_enable_thinking_only_when_the_template_knows_it():
+    class FakeTokenizer:
+        def __init__(self, chat_template):
+            self.chat_template, self.kwargs = chat_template, None
+
+        def apply_chat_template(self, messages, **kwargs):
+            self.kwargs = kwargs
+            return {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]]}
+
+    qwen3 = FakeTokenizer("{% if enable_thinking is defined and enable_thinking is false %}")
+    assert render_prompt(qwen3, "hi") == [1, 2, 3]
+    assert qwen3.kwargs["enable_thinking"] is False
+    plain = FakeTokenizer("{{ messages }}")
+    render_prompt(plain, "hi")
+    assert "enable_thinking" not in plain.kwargs
+
+
+# ---- character tokenizer ------------------------------------------------------------
+
+
+def test_char_tokenizer_is_lossless(tokenizer):
+    texts = [
+        teacher_content("Let $f(x) = \\frac{1}{2}x^{2}$ ; find {f}.\n  Indented  ", "\\{42\\}",
+                        "a\\b  c\n\n"),
+        "".join(chr(code) for code in range(32, 127)) + "\n \n",
+        "  leading and trailing  ",
+        "a . b 's n't , c",
+    ]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == len(text)
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.encode(text) == ids  # no BOS / EOS added
+    assert 95 <= len(tokenizer) <= 110
+    assert tokenizer.eos_token == CHAT_EOS and tokenizer.pad_token == "<|endoftext|>"
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        assert len(tokenizer.encode(special)) == 1
+    assert tokenizer.convert_tokens_to_ids(CHAT_EOS) == tokenizer.eos_token_id
+    rendered = tokenizer.decode(render_prompt(tokenizer, "hi\\{}"))
+    assert rendered == "<|im_start|>user\nhi\\{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_char_tokenizer_save_load_identity(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    build_char_tokenizer(tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = teacher_content("What is {a} \\ b?", "7") + " . 's"
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+    assert loaded.chat_template == tokenizer.chat_template
+    assert render_prompt(loaded, text) == render_prompt(tokenizer, text)
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert (loaded.eos_token, loaded.pad_token) == (tokenizer.eos_token, tokenizer.pad_token)
+
+
+# ---- synthetic task -----------------------------------------------------------------
+
+
+def test_arithmetic_problems():
+    problems = arithmetic_problems(300, seed=11, ops="+-*")
+    assert problems == arithmetic_problems(300, seed=11, ops="+-*")
+    assert problems != arithmetic_problems(300, seed=12, ops="+-*")
+    assert len({p.question for p in problems}) == 300
+    assert {p.question.split()[3] for p in problems} == {"+", "-", "*"}
+    for k, problem in enumerate(problems):
+        expression = problem.question.removeprefix("What is ").removesuffix("?")
+        assert int(problem.answer) == eval(expression)  # noqa: S307 - our own digits and ops
+        assert int(problem.answer) >= 0
+        assert problem.solution == f"{expression} = {problem.answer}.\n\\boxed{{{problem.answer}}}"
+        assert len(problem.solution) <= 40
+        assert problem.uid == f"arith-11-{k}" and problem.data_source == "synthetic-arithmetic"
+    everything = arithmetic_problems(3 * 3 + 3 * 4 // 2, seed=0, max_operand=2)
+    assert len({p.question for p in everything}) == 15
+    with pytest.raises(ValueError, match="distinct problems"):
+        arithmetic_problems(16, seed=0, max_operand=2)
+    with pytest.raises(ValueError, match="ops"):
+        arithmetic_problems(1, seed=0, ops="/")
+
+
+def test_sft_examples_pair_both_views():
+    problems = arithmetic_problems(2, seed=0)
+    examples = sft_examples(problems)
+    assert examples == [
+        (student_content(problems[0].question), problems[0].solution),
+        (teacher_content(problems[0].question, problems[0].answer), problems[0].solution),
+        (student_content(problems[1].question), problems[1].solution),
+        (teacher_content(problems[1].question, problems[1].answer), problems[1].solution),
+    ]
+    with pytest.raises(ValueError, match="no solution"):
+        sft_examples([Problem(uid="x", question="q", answer="1")])
