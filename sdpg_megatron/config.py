@@ -7,8 +7,9 @@ is the one place that checks a config and raises `ValueError` naming the field a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from dataclasses import asdict, dataclass, field, fields
+from types import UnionType
+from typing import Callable, Literal, Union, get_args, get_origin, get_type_hints
 
 AnchorKind = Literal["none", "urkl", "ufkl", "fkl", "rkl"]
 GateKind = Literal["none", "positive_advantage"]
@@ -60,15 +61,178 @@ class AlgorithmConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
+    """Rollout steps and how each step's batch is cut (METHOD.md, "Defaults")."""
+
     total_steps: int = 400
+    prompts_per_step: int = 128
+    minibatches_per_step: int = 8  # PPO updates per rollout step (128 / 16 prompts)
+    micro_batch_size: int = 4  # sequences per forward/backward micro-batch
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW through Megatron's (distributed) optimizer, linear LR warm-up then constant."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 10
+    use_distributed_optimizer: bool = True
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The policy's starting point: a Hugging Face Qwen3 directory (config, safetensors,
+    tokenizer); the engines load it too, then take every weight push."""
+
+    hf_dir: str = ""
+    tokenizer_dir: str | None = None  # None: hf_dir
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: tuple[str, ...] = ()  # DAPO-Math-17k-schema parquet files
+    max_prompt_tokens: int = 2048
+    privileged: Literal["answer", "answer+solution"] = "answer"  # the teacher's context
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """The vLLM fleet and its sampling (METHOD.md: T = 1, top_p 1, top_k disabled)."""
+
+    num_engines: int = 1
+    engine_tensor_parallel: int = 1
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0  # set to engine_tensor_parallel on GPU clusters
+    max_response_tokens: int = 4096
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    dtype: str = "float32"  # the engines' dtype; pushes are cast to it
+    max_num_seqs: int = 256
+    kv_cache_bytes: int | None = 256 * 2**20  # explicit KV cache (CPU); None: gpu_memory_utilization
+    gpu_memory_utilization: float = 0.5
+    cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for CPU engines
+    request_timeout_s: float = 600.0
+    max_restarts: int = 2
+    bucket_bytes: int = 256 * 2**20  # weight-push bucket size: a trainer rank's peak extra memory
+    ray_address: str | None = None  # None: a local Ray instance; "auto" or host:port on Slurm
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    num_workers: int = 4
+    timeout_s: float = 5.0  # hard wall-clock limit per math-verify call
+    overlong_buffer: int | None = 512  # None disables the overlong penalty
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    interval: int = 50  # steps; 0 saves only at the end
+    keep_last: int = 2
+    dir: str | None = None  # None: <out_dir>/checkpoints
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    out_dir: str = "runs/sdpg"
+    tensorboard: bool = True
+    progress: bool = True
 
 
 @dataclass(kw_only=True)
 class Config:
-    """Root of the tree. Later sections (model, parallel, rollout, ...) join here."""
+    """Root of the tree: one section per concern, each validated by `validate`."""
 
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------- building a tree
+
+
+def config_to_dict(config: Config) -> dict:
+    return asdict(config)
+
+
+def config_from_dict(values: dict) -> Config:
+    """The inverse of `config_to_dict`; unknown keys are errors that name them."""
+    config = Config()
+    for section_name, section_values in values.items():
+        section = _section(config, section_name)
+        for key, value in section_values.items():
+            _set_field(section, section_name, key, value)
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings (the CLI's --set), parsed by the field's type."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        section_name, dot, key = path.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r}: write it as section.field=value, e.g. schedule.total_steps=100")
+        section = _section(config, section_name)
+        _set_field(section, section_name, key, _parse_value(section, section_name, key, text.strip()))
+    return config
+
+
+def _section(config: Config, name: str):
+    names = [f.name for f in fields(Config)]
+    if name not in names:
+        raise ValueError(f"config section {name!r} is unknown; sections are {names}")
+    return getattr(config, name)
+
+
+def _set_field(section, section_name: str, key: str, value) -> None:
+    names = [f.name for f in fields(section)]
+    if key not in names:
+        raise ValueError(f"config field {section_name}.{key} is unknown; {section_name} has {names}")
+    if isinstance(value, list):
+        value = tuple(value)
+    setattr(section, key, value)
+
+
+def _parse_value(section, section_name: str, key: str, text: str):
+    hints = get_type_hints(type(section))
+    if key not in hints:
+        raise ValueError(f"config field {section_name}.{key} is unknown; {section_name} has {sorted(hints)}")
+    hint = hints[key]
+    allowed = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    if type(None) in allowed and text.lower() in ("none", "null"):
+        return None
+    for kind in allowed:
+        if kind is bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return text.lower() in ("true", "1", "yes")
+        if kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+        if kind is str or get_origin(kind) is Literal:
+            return text
+        if get_origin(kind) is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+    raise ValueError(f"config field {section_name}.{key}: cannot read {text!r} as {hint}")
 
 
 # --------------------------------------------------------------------------- presets
@@ -149,12 +313,11 @@ def algorithm_preset(name: str) -> AlgorithmConfig:
 def validate(config):
     """Check a config (or one section) and return it; raise ValueError naming the field."""
     if isinstance(config, Config):
-        validate(config.algorithm)
-        validate(config.schedule)
-    elif isinstance(config, AlgorithmConfig):
-        _validate_algorithm(config)
-    elif isinstance(config, ScheduleConfig):
-        _require(config.total_steps >= 1, "schedule.total_steps", "must be >= 1")
+        for section in fields(config):
+            validate(getattr(config, section.name))
+        _validate_tree(config)
+    elif type(config) in _SECTION_CHECKS:
+        _SECTION_CHECKS[type(config)](config)
     else:
         raise TypeError(f"cannot validate {type(config).__name__}")
     return config
@@ -206,3 +369,89 @@ def _validate_algorithm(c: AlgorithmConfig) -> None:
         "the loss has no term: enable use_outcome, set beta_base > 0 or choose an anchor with alpha > 0",
     )
 
+
+
+def _validate_schedule(c: ScheduleConfig) -> None:
+    p = "schedule."
+    _require(c.total_steps >= 1, p + "total_steps", "must be >= 1")
+    _require(c.prompts_per_step >= 1, p + "prompts_per_step", "must be >= 1")
+    _require(c.minibatches_per_step >= 1, p + "minibatches_per_step", "must be >= 1")
+    _require(
+        c.prompts_per_step % c.minibatches_per_step == 0, p + "minibatches_per_step",
+        f"must divide prompts_per_step={c.prompts_per_step}, got {c.minibatches_per_step}",
+    )
+    _require(c.micro_batch_size >= 1, p + "micro_batch_size", "must be >= 1")
+
+
+def _validate_optimizer(c: OptimizerConfig) -> None:
+    p = "optimizer."
+    _require(c.lr > 0, p + "lr", f"must be > 0, got {c.lr}")
+    _require(c.weight_decay >= 0, p + "weight_decay", "must be >= 0")
+    _require(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, p + "adam_beta1/adam_beta2", "must be in [0, 1)")
+    _require(c.clip_grad >= 0, p + "clip_grad", "must be >= 0 (0 disables clipping)")
+    _require(c.lr_warmup_steps >= 0, p + "lr_warmup_steps", "must be >= 0")
+
+
+def _validate_model(c: ModelConfig) -> None:
+    _require(bool(c.hf_dir), "model.hf_dir", "set it to a Hugging Face Qwen3 directory (config.json + safetensors)")
+    _require(c.params_dtype in ("float32", "bfloat16"), "model.params_dtype", "must be 'float32' or 'bfloat16'")
+
+
+def _validate_parallel(c: ParallelConfig) -> None:
+    _require(c.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
+    _require(c.pipeline_parallel >= 1, "parallel.pipeline_parallel", "must be >= 1")
+
+
+def _validate_data(c: DataConfig) -> None:
+    _require(len(c.train_files) > 0, "data.train_files", "name at least one DAPO-schema parquet file")
+    _require(c.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    _require(c.privileged in ("answer", "answer+solution"), "data.privileged", "must be 'answer' or 'answer+solution'")
+
+
+def _validate_rollout(c: RolloutConfig) -> None:
+    p = "rollout."
+    _require(c.num_engines >= 1, p + "num_engines", "must be >= 1")
+    _require(c.engine_tensor_parallel >= 1, p + "engine_tensor_parallel", "must be >= 1")
+    _require(c.max_response_tokens >= 1, p + "max_response_tokens", "must be >= 1")
+    _require(c.temperature > 0, p + "temperature", "must be > 0 (the loss uses the sampling temperature)")
+    _require(0 < c.top_p <= 1, p + "top_p", "must be in (0, 1]")
+    _require(c.bucket_bytes >= 2**20, p + "bucket_bytes", "must be >= 1 MiB")
+    _require(c.request_timeout_s > 0, p + "request_timeout_s", "must be > 0")
+
+
+def _validate_reward(c: RewardConfig) -> None:
+    _require(c.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    _require(c.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _require(c.overlong_buffer is None or c.overlong_buffer >= 1, "reward.overlong_buffer", "must be >= 1 or None")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+def _validate_logging(c: LoggingConfig) -> None:
+    _require(bool(c.out_dir), "logging.out_dir", "must name a directory")
+
+
+def _validate_tree(c: Config) -> None:
+    """Checks that span sections."""
+    if c.reward.overlong_buffer is not None:
+        _require(
+            c.reward.overlong_buffer <= c.rollout.max_response_tokens, "reward.overlong_buffer",
+            f"must be <= rollout.max_response_tokens={c.rollout.max_response_tokens}",
+        )
+
+
+_SECTION_CHECKS = {
+    AlgorithmConfig: _validate_algorithm,
+    ScheduleConfig: _validate_schedule,
+    OptimizerConfig: _validate_optimizer,
+    ModelConfig: _validate_model,
+    ParallelConfig: _validate_parallel,
+    DataConfig: _validate_data,
+    RolloutConfig: _validate_rollout,
+    RewardConfig: _validate_reward,
+    CheckpointConfig: _validate_checkpoint,
+    LoggingConfig: _validate_logging,
+}

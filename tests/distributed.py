@@ -46,7 +46,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0) -> lis
     port = free_port()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     processes = [
-        context.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        context.Process(target=_worker, args=(rank, world_size, port, fn, args, queue))
+        # not daemonic: Megatron's checkpoint writer and the verifier pool start child processes
         for rank in range(world_size)
     ]
     for process in processes:

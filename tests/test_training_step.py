@@ -28,7 +28,8 @@ def _batch():
 
 def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool) -> dict:
     from sdpg_megatron.model.hf_mapping import find_rule, global_name, layer_offset, load_hf_weights, tp_gather
-    from sdpg_megatron.model.training import OptimizerSettings, build_policy, train_step
+    from sdpg_megatron.config import OptimizerConfig
+    from sdpg_megatron.model.training import build_policy, train_step
     from sdpg_megatron.parallel import padded_vocab_size, vocab_parallel_token_stats
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
 
@@ -36,7 +37,7 @@ def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool) -> dict:
     try:
         arch, hf_model = tiny_hf_model(tied=True)
         state = hf_model.state_dict()
-        settings = OptimizerSettings(lr=1e-3, use_distributed_optimizer=distributed_optimizer)
+        settings = OptimizerConfig(lr=1e-3, lr_warmup_steps=0, use_distributed_optimizer=distributed_optimizer)
         policy = build_policy(arch, groups, settings, load_weights=lambda m: load_hf_weights(
             m, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
             tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank))

@@ -14,32 +14,23 @@ from typing import Callable, Iterator
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from sdpg_megatron.config import OptimizerConfig
 from sdpg_megatron.model.provider import PolicyGPTModel, model_provider, transformer_config
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.groups import ParallelGroups
-
-
-@dataclass(kw_only=True)
-class OptimizerSettings:
-    """AdamW as in METHOD.md's defaults."""
-
-    lr: float = 1e-6
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
 
 
 @dataclass
 class TrainableModel:
     model: DistributedDataParallel  # one chunk (no virtual pipeline stages)
     optimizer: object  # a MegatronOptimizer
+    scheduler: OptimizerParamScheduler  # LR warm-up, stepped once per optimizer step
     config: TransformerConfig
 
     @property
@@ -51,13 +42,13 @@ class TrainableModel:
 class StepResult:
     losses: list  # what the loss function reported per micro-batch (last stage only)
     grad_norm: float | None
-    update_successful: bool
+    update_successful: bool  # False: the step was skipped (non-finite gradients)
 
 
 def build_policy(
     arch: Qwen3Arch,
     groups: ParallelGroups,
-    settings: OptimizerSettings,
+    settings: OptimizerConfig,
     *,
     params_dtype: torch.dtype = torch.float32,
     load_weights: Callable[[PolicyGPTModel], None] | None = None,
@@ -80,7 +71,7 @@ def build_policy(
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
     model.broadcast_params()  # data-parallel replicas start identical whatever was loaded
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(
+        MegatronOptimizerConfig(
             optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay,
             adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
             clip_grad=settings.clip_grad, use_distributed_optimizer=settings.use_distributed_optimizer,
@@ -91,7 +82,15 @@ def build_policy(
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
-    return TrainableModel(model=model, optimizer=optimizer, config=config)
+    # Linear warm-up from 0 to lr over lr_warmup_steps, then constant (METHOD.md).
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.lr,
+        lr_warmup_steps=settings.lr_warmup_steps, lr_decay_steps=settings.lr_warmup_steps + 1,
+        lr_decay_style="constant", start_wd=settings.weight_decay, end_wd=settings.weight_decay,
+        wd_incr_steps=1, wd_incr_style="constant",
+    )
+    scheduler.step(increment=1)  # optimizer step k (1-based) runs at lr · min(1, k / warm-up)
+    return TrainableModel(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
 
 
 def build_frozen(
@@ -135,8 +134,24 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    if not _gradients_finite(policy.model):
+        # NaN/inf anywhere on any rank: nothing is applied, Adam's state is untouched.
+        return StepResult(losses=losses, grad_norm=float("nan"), update_successful=False)
     update_successful, grad_norm, _ = policy.optimizer.step()
+    if update_successful:
+        policy.scheduler.step(increment=1)
     return StepResult(losses=losses, grad_norm=grad_norm, update_successful=bool(update_successful))
+
+
+def _gradients_finite(model: DistributedDataParallel) -> bool:
+    """Whether every rank's reduced gradient buffers are finite (one all-reduce)."""
+    bad = torch.zeros(1, dtype=torch.float32)
+    for buffer in model.buffers + model.expert_parallel_buffers:
+        if not torch.isfinite(buffer.grad_data).all():
+            bad.fill_(1.0)
+            break
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def forward_only(

@@ -1,0 +1,160 @@
+"""One rollout step's experience, from the driver's rollouts to Megatron micro-batches.
+
+The driver (global rank 0) builds a `StepBatch` — every response with its two prompt
+views, the rollout log-probs and its reward — and broadcasts it; every rank then cuts the
+same batch into PPO mini-batches, takes its data-parallel slice and packs micro-batches.
+
+Token layout of a micro-batch (Megatron's GPT convention, position t predicts token t+1):
+
+    student:  [ student prompt | response | pad ]      teacher: [ teacher prompt | response | pad ]
+    response_mask[t] = 1 where tokens[t + 1] is a response token
+
+so `response_states(hidden, response_mask)` selects, in both views, the hidden states that
+predict the response tokens — row for row the same tokens, after prefixes of different
+lengths (METHOD.md, "Data").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Sample:
+    """One response y_i of a group."""
+
+    group: int  # index of its prompt within the step
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    response: list[int]
+    old_logprobs: list[float]  # log π_old(y_t) as sampled (one per response token)
+    reward: float
+    correct: bool
+
+
+@dataclass
+class StepBatch:
+    """Everything every rank needs for one step; samples are ordered group by group."""
+
+    step: int
+    samples: list[Sample]
+    group_size: int
+    student_length: int  # padded sequence lengths (the same for every micro-batch: PP needs it)
+    teacher_length: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.samples) // self.group_size
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, S] student view
+    positions: torch.Tensor  # [b, S]
+    response_mask: torch.Tensor  # [b, S] bool
+    teacher_tokens: torch.Tensor  # [b, T]
+    teacher_positions: torch.Tensor  # [b, T]
+    teacher_response_mask: torch.Tensor  # [b, T] bool
+    # Flat [N] over the response tokens of the micro-batch, in (row, position) order.
+    targets: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    sample_ids: torch.Tensor  # [N] index of each token's sample within the StepBatch
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+
+def padded_length(length: int, multiple: int = 8) -> int:
+    return max(multiple, -(-length // multiple) * multiple)
+
+
+def make_step_batch(step: int, samples: list[Sample], group_size: int) -> StepBatch:
+    if not samples or len(samples) % group_size:
+        raise ValueError(f"step {step}: {len(samples)} samples is not a positive multiple of group size {group_size}")
+    longest_student = max(len(s.student_prompt) + len(s.response) for s in samples)
+    longest_teacher = max(len(s.teacher_prompt) + len(s.response) for s in samples)
+    return StepBatch(step, samples, group_size, padded_length(longest_student), padded_length(longest_teacher))
+
+
+def broadcast_step_batch(batch: StepBatch | None, src: int = 0) -> StepBatch:
+    """The driver's batch on every rank (pickled over the default group; it holds only
+    token ids and floats)."""
+    box = [batch]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def minibatch_sample_ids(batch: StepBatch, num_minibatches: int, dp_size: int, dp_rank: int) -> list[list[int]]:
+    """For each PPO mini-batch, this data-parallel rank's sample indices.
+
+    Mini-batches are contiguous runs of whole groups (METHOD.md: 16 prompts each); a
+    mini-batch's samples are dealt to DP ranks in contiguous slices.
+    """
+    if batch.num_groups % num_minibatches:
+        raise ValueError(
+            f"{batch.num_groups} prompts cannot be cut into schedule.minibatches_per_step={num_minibatches} "
+            "equal mini-batches"
+        )
+    per_minibatch = len(batch.samples) // num_minibatches
+    if per_minibatch % dp_size:
+        raise ValueError(
+            f"a mini-batch of {per_minibatch} responses cannot be split over {dp_size} data-parallel ranks; "
+            "make (prompts_per_step / minibatches_per_step) × group_size divisible by the DP size"
+        )
+    per_rank = per_minibatch // dp_size
+    return [
+        list(range(m * per_minibatch + dp_rank * per_rank, m * per_minibatch + (dp_rank + 1) * per_rank))
+        for m in range(num_minibatches)
+    ]
+
+
+def micro_batches(
+    batch: StepBatch, sample_ids: list[int], micro_batch_size: int, advantages: torch.Tensor, pad_id: int
+) -> list[MicroBatch]:
+    """Pack `sample_ids` into micro-batches of `micro_batch_size` rows (the last may be
+    shorter when the count does not divide)."""
+    return [
+        _pack(batch, sample_ids[i : i + micro_batch_size], advantages, pad_id)
+        for i in range(0, len(sample_ids), micro_batch_size)
+    ]
+
+
+def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: int) -> MicroBatch:
+    rows = len(ids)
+    S, T = batch.student_length, batch.teacher_length
+    tokens = torch.full((rows, S), pad_id, dtype=torch.long)
+    teacher_tokens = torch.full((rows, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(rows, S, dtype=torch.bool)
+    teacher_mask = torch.zeros(rows, T, dtype=torch.bool)
+    targets, old_logprobs, token_advantages, sample_ids = [], [], [], []
+    for row, index in enumerate(ids):
+        sample = batch.samples[index]
+        response = sample.response
+        if len(sample.old_logprobs) != len(response):
+            raise ValueError(
+                f"sample {index}: {len(response)} response tokens but {len(sample.old_logprobs)} rollout log-probs"
+            )
+        for view, mask_view, prompt in ((tokens, mask, sample.student_prompt), (teacher_tokens, teacher_mask, sample.teacher_prompt)):
+            sequence = prompt + response
+            view[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            # position p predicts token p + 1: the response starts at len(prompt)
+            mask_view[row, len(prompt) - 1 : len(prompt) - 1 + len(response)] = True
+        targets.extend(response)
+        old_logprobs.extend(sample.old_logprobs)
+        token_advantages.extend([float(advantages[index])] * len(response))
+        sample_ids.extend([index] * len(response))
+    positions = torch.arange(S).expand(rows, S)
+    teacher_positions = torch.arange(T).expand(rows, T)
+    return MicroBatch(
+        tokens=tokens, positions=positions, response_mask=mask,
+        teacher_tokens=teacher_tokens, teacher_positions=teacher_positions, teacher_response_mask=teacher_mask,
+        targets=torch.tensor(targets, dtype=torch.long),
+        old_logprobs=torch.tensor(old_logprobs, dtype=torch.float32),
+        advantages=torch.tensor(token_advantages, dtype=torch.float32),
+        sample_ids=torch.tensor(sample_ids, dtype=torch.long),
+    )

@@ -1,0 +1,180 @@
+"""The model passes of a step, through Megatron's pipeline schedule on every rank.
+
+- reference: frozen π_ref, log-probs of the sampled tokens (forward only);
+- teacher: the current policy on the privileged-context view, final hidden states at the
+  response positions (forward only, detached — METHOD.md: no gradient through q at all);
+- student: the policy with gradients; the fused vocab-parallel kernel turns its hidden
+  states, the teacher's and the output-weight shard into per-token log-prob, entropy and
+  exact full-vocabulary KL, and `sdpg_loss` combines them.
+
+Per-token results live on the last pipeline stage, one tensor per micro-batch, in the
+micro-batch's flat token order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from sdpg_megatron.algo import sdpg_loss
+from sdpg_megatron.config import Config
+from sdpg_megatron.experience import MicroBatch, StepBatch
+from sdpg_megatron.model.hf_mapping import load_hf_weights
+from sdpg_megatron.model.provider import response_states
+from sdpg_megatron.model.training import StepResult, build_frozen, build_policy, forward_only, train_step
+from sdpg_megatron.parallel import padded_vocab_size, vocab_parallel_token_stats
+from sdpg_megatron.parallel.groups import ParallelGroups
+
+# Loss metrics reduced over micro-batches and data-parallel ranks (token-weighted means).
+LOSS_METRICS = (
+    "loss", "outcome_loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
+    "opd_kl", "gate_frac", "anchor", "ref_kl_k3", "entropy", "rollout_logprob_abs_diff",
+)
+
+
+class ModelPasses:
+    def __init__(self, config: Config, groups: ParallelGroups, source):
+        """source: the `HFCheckpoint` the policy (and π_ref) start from."""
+        self.config, self.groups = config, groups
+        self.arch = source.arch
+        dtype = getattr(torch, config.model.params_dtype)
+        padded = padded_vocab_size(self.arch.vocab_size, groups.tp_size)
+
+        def load(module):
+            load_hf_weights(module, self.arch, source.read, padded_vocab=padded, tp_size=groups.tp_size,
+                            tp_rank=groups.tp_rank, pp_size=groups.pp_size, pp_rank=groups.pp_rank)
+
+        self.policy = build_policy(self.arch, groups, config.optimizer, params_dtype=dtype, load_weights=load)
+        uses_reference = config.algorithm.uses_reference
+        self.reference = build_frozen(self.arch, groups, params_dtype=dtype, load_weights=load) if uses_reference else None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _stats(self, hidden: torch.Tensor, weight: torch.Tensor, mb: MicroBatch, teacher=None):
+        return vocab_parallel_token_stats(
+            hidden, weight, mb.targets, teacher, group=self.groups.loss_tp_group,
+            vocab_size=self.arch.vocab_size, temperature=self.config.rollout.temperature,
+        )
+
+    def _forward_only(self, model, batch: StepBatch, mbs: list[MicroBatch], view: str,
+                      collect: Callable[[torch.Tensor, torch.Tensor, MicroBatch], torch.Tensor]) -> list[torch.Tensor]:
+        """Runs `model` forward-only on one view of `mbs`; on the last stage `collect(hidden
+        states at the response positions, output weight, micro-batch)` per micro-batch."""
+        module = getattr(model, "module", model)
+        outputs: list[torch.Tensor] = []
+        teacher_view = view == "teacher"
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb.teacher_tokens if teacher_view else mb.tokens
+            positions = mb.teacher_positions if teacher_view else mb.positions
+            hidden = model(tokens, positions, None, return_hidden=True)
+
+            def loss_func(hidden_states):
+                mask = mb.teacher_response_mask if teacher_view else mb.response_mask
+                states = response_states(hidden_states, mask)
+                outputs.append(collect(states, module.output_weight(), mb))
+                return hidden_states.sum() * 0.0, {}
+
+            return hidden, loss_func
+
+        length = batch.teacher_length if teacher_view else batch.student_length
+        forward_only(model, forward_step, iter(mbs), num_microbatches=len(mbs), seq_length=length,
+                     micro_batch_size=mbs[0].tokens.shape[0])
+        return outputs
+
+    # ------------------------------------------------------------------ passes
+
+    def reference_logprobs(self, batch: StepBatch, mbs: list[MicroBatch]) -> list[torch.Tensor]:
+        """[N] log π_ref(y_t) per micro-batch (last stage; empty list elsewhere)."""
+        return self._forward_only(self.reference, batch, mbs, "student",
+                                  lambda states, weight, mb: self._stats(states, weight, mb).logprobs)
+
+    def teacher_states(self, batch: StepBatch, mbs: list[MicroBatch]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(teacher hidden states [N, H], log q(y_t) [N] or None) per micro-batch (last stage)."""
+        need_logprobs = self.config.algorithm.advantage_reweighting == "rlsd"
+
+        def collect(states, weight, mb):
+            logprobs = self._stats(states, weight.detach(), mb).logprobs if need_logprobs else None
+            return states.detach(), logprobs
+
+        return self._forward_only(self.policy.model, batch, mbs, "teacher", collect)
+
+    def train(self, batch: StepBatch, mbs: list[MicroBatch], step: int, teacher, reference, *,
+              first_minibatch: bool) -> StepResult:
+        """Student forward/backward over one PPO mini-batch and one optimizer step.
+
+        On the first mini-batch the policy still holds the weights the engines sampled
+        with, so |log π_θ − log π_old| there measures trainer/engine agreement
+        ("rollout_logprob_abs_diff": numerics only, unless a weight push went wrong)."""
+        cfg = self.config
+        module = self.policy.module
+        use_kl = cfg.algorithm.beta_base > 0
+        indexed = iter(enumerate(mbs))
+
+        def forward_step(data_iterator, model):
+            j, mb = next(data_iterator)
+            hidden = model(mb.tokens, mb.positions, None, return_hidden=True)
+
+            def loss_func(hidden_states):
+                num_tokens = torch.tensor(mb.num_tokens, dtype=torch.int)
+                if mb.num_tokens == 0:  # every response empty: nothing to learn, keep the graph
+                    return hidden_states.sum() * 0.0, num_tokens, {}
+                states = response_states(hidden_states, mb.response_mask)
+                teacher_states, teacher_logprobs = teacher[j] if teacher is not None else (None, None)
+                stats = self._stats(states, module.output_weight(), mb, teacher_states if use_kl else None)
+                loss, metrics = sdpg_loss(
+                    logprobs=stats.logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
+                    mask=torch.ones_like(stats.logprobs), step=step, total_steps=cfg.schedule.total_steps,
+                    config=cfg.algorithm, reverse_kl=stats.reverse_kl,
+                    ref_logprobs=None if reference is None else reference[j],
+                    teacher_logprobs=teacher_logprobs, entropy=stats.entropy, num_tokens=1.0,
+                )
+                # token-weighted sums, so the reduction over micro-batches and ranks is exact
+                # ("loss" already is one: the normaliser is applied by Megatron, see training.py)
+                sums = {k: metrics[k] * (1 if k == "loss" else mb.num_tokens) for k in LOSS_METRICS if k in metrics}
+                if first_minibatch:
+                    sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - mb.old_logprobs).abs().sum()
+                sums["tokens"] = torch.tensor(float(mb.num_tokens))
+                return loss, num_tokens, sums
+
+            return hidden, loss_func
+
+        return train_step(self.policy, forward_step, indexed, num_microbatches=len(mbs),
+                          seq_length=batch.student_length, micro_batch_size=mbs[0].tokens.shape[0])
+
+    # ------------------------------------------------------------------ reductions
+
+    def _contributes(self) -> bool:
+        """One rank per data-parallel replica holds the last stage's per-token results."""
+        return self.groups.is_last_stage and self.groups.tp_rank == 0
+
+    def sum_per_sample(self, batch: StepBatch, shapes: list[list[MicroBatch]], per_token: list[list[torch.Tensor]],
+                       fn: Callable[[MicroBatch, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Σ_t fn(mb, values) per sample over the whole batch, on every rank."""
+        totals = torch.zeros(len(batch.samples), dtype=torch.float64)
+        if self._contributes():
+            for mbs, values in zip(shapes, per_token):
+                for mb, value in zip(mbs, values):
+                    totals.index_add_(0, mb.sample_ids, fn(mb, value).double())
+        dist.all_reduce(totals)
+        return totals
+
+    def reduce_metrics(self, results: list[StepResult]) -> dict[str, float]:
+        """Token-weighted means of the loss metrics over the step (meaningful on rank 0)."""
+        sums = torch.zeros(2 * len(LOSS_METRICS) + 1, dtype=torch.float64)
+        if self._contributes():
+            for result in results:
+                for report in result.losses:
+                    tokens = float(report.get("tokens", 0.0))
+                    sums[-1] += tokens
+                    for i, key in enumerate(LOSS_METRICS):
+                        if key in report:
+                            sums[2 * i] += float(report[key])
+                            sums[2 * i + 1] += tokens
+        dist.all_reduce(sums)
+        metrics = {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOSS_METRICS) if sums[2 * i + 1] > 0}
+        metrics["train_tokens"] = sums[-1].item()
+        return metrics

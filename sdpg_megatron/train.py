@@ -1,0 +1,417 @@
+"""The SDPG driver loop (DESIGN.md, "One training step"), for every METHOD.md preset.
+
+Launch with torchrun (srun + torchrun on Slurm); global rank 0 is the driver: it owns the
+data, the verifier pool and the rollout fleet, and broadcasts each step's experience.
+
+    torchrun --nproc-per-node 2 -m sdpg_megatron.train --preset sdpg-urkl \\
+        --hf-dir ckpt/qwen3-4b --train-data dapo.parquet --out-dir runs/sdpg --tp 2 \\
+        --set schedule.total_steps=400
+
+Each step: sample prompts (deterministic in (seed, step)) → fleet generates G responses →
+verifier rewards → [reference forward] → advantages → per PPO mini-batch: [teacher forward]
+then student forward/backward with the fused vocab-parallel loss and an optimizer step →
+weight push → metrics, checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sdpg_megatron.algo import current_beta, group_relative_advantages
+from sdpg_megatron.config import (
+    Config, algorithm_preset, apply_overrides, config_from_dict, config_to_dict, validate,
+)
+from sdpg_megatron.experience import Sample, StepBatch, broadcast_step_batch, make_step_batch, micro_batches, minibatch_sample_ids
+from sdpg_megatron.parallel.groups import ParallelGroups, destroy_parallel, initialize_parallel
+from sdpg_megatron.passes import ModelPasses
+
+logger = logging.getLogger("sdpg_megatron.train")
+TIMED_PHASES = ("rollout", "reward", "reference", "teacher", "train", "sync")
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds = {phase: 0.0 for phase in TIMED_PHASES}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - started
+
+
+class Trainer:
+    """One training run on this rank. Collective: every rank constructs it and calls
+    `run()`; rank 0 additionally drives the fleet (its own, or `fleet` when given, which is
+    how tests share one engine between runs)."""
+
+    def __init__(self, config: Config, groups: ParallelGroups, *, fleet=None):
+        from sdpg_megatron.checkpoint import load_checkpoint
+        from sdpg_megatron.model.hf_io import HFCheckpoint
+
+        self.config = validate(config)
+        self.groups = groups
+        self.is_driver = dist.get_rank() == 0
+        self.out_dir = Path(config.logging.out_dir)
+        self.checkpoint_dir = Path(config.checkpoint.dir or self.out_dir / "checkpoints")
+        source = HFCheckpoint(config.model.hf_dir)
+        self.arch = source.arch
+        self.passes = ModelPasses(config, groups, source)
+        self.start_step = 0
+        state = load_checkpoint(self.checkpoint_dir, self.passes.policy, groups)
+        if state is not None:  # model, optimizer, LR schedule position and RNG restored
+            self.start_step = int(state["step"])
+        self.driver = _Driver(config, fleet, self.start_step) if self.is_driver else None
+        self._push_weights()  # the engines serve exactly the trainer's weights from the first step
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop_after: int | None = None) -> None:
+        """Train to schedule.total_steps (or stop after step `stop_after`, as a preempted
+        job would; a new Trainer on the same out_dir resumes from the last checkpoint)."""
+        total = self.config.schedule.total_steps
+        last = total if stop_after is None else min(total, stop_after)
+        try:
+            for step in range(self.start_step + 1, last + 1):
+                metrics = self.step(step)
+                if self.is_driver:
+                    self.driver.metrics.log(step, metrics)
+                interval = self.config.checkpoint.interval
+                if step == total or (interval and step % interval == 0):
+                    self._save(step)
+        finally:
+            self.close()
+
+    def step(self, step: int) -> dict[str, float]:
+        """One rollout step k = `step` (1-based); returns the driver's metrics (others: {})."""
+        cfg, timer = self.config, PhaseTimer()
+        started = time.perf_counter()
+        batch, driver_metrics = self.driver.rollout(step, timer) if self.is_driver else (None, {})
+        batch = broadcast_step_batch(batch)
+
+        plan = minibatch_sample_ids(batch, cfg.schedule.minibatches_per_step, self.groups.dp_size, self.groups.dp_rank)
+        rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float64)
+        zero_advantages = torch.zeros(len(batch.samples))
+        reference = None
+        if self.passes.reference is not None:
+            with timer("reference"):
+                shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, zero_advantages, 0) for ids in plan]
+                reference = [self.passes.reference_logprobs(batch, mbs) for mbs in shapes]
+            if cfg.algorithm.kl_in_reward_coef > 0:
+                k1 = self.passes.sum_per_sample(batch, shapes, reference, lambda mb, ref: mb.old_logprobs - ref)
+                rewards = rewards - cfg.algorithm.kl_in_reward_coef * k1
+        advantages = group_relative_advantages(rewards, batch.group_size, cfg.algorithm.advantage_eps).float()
+
+        results = []
+        for m, ids in enumerate(plan):
+            mbs = micro_batches(batch, ids, cfg.schedule.micro_batch_size, advantages, 0)
+            teacher = None
+            if cfg.algorithm.uses_teacher:
+                with timer("teacher"):
+                    teacher = self.passes.teacher_states(batch, mbs)
+            with timer("train"):
+                results.append(self.passes.train(batch, mbs, step, teacher, None if reference is None else reference[m],
+                                                 first_minibatch=m == 0))
+        with timer("sync"):
+            push = self._push_weights()
+
+        metrics = self.passes.reduce_metrics(results)
+        if not self.is_driver:
+            return {}
+        grad_norms = [r.grad_norm for r in results if r.update_successful]
+        metrics.update(driver_metrics)
+        metrics.update({
+            "beta": current_beta(cfg.algorithm, step, cfg.schedule.total_steps),
+            "lr": self.passes.policy.optimizer.param_groups[0]["lr"],  # the last update's
+            "advantage_abs_mean": advantages.abs().mean().item(),
+            # groups whose rewards were all equal: no outcome signal, OPD gated off
+            "zero_advantage_groups": (advantages.reshape(-1, batch.group_size).abs().amax(1) == 0).float().mean().item(),
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "skipped_updates": sum(not r.update_successful for r in results),
+            "weights/version": self.driver.fleet.version,
+            "weights/push_seconds": push["seconds"],
+            "weights/push_bytes": push["bytes"],
+            "time/step": time.perf_counter() - started,
+            **{f"time/{phase}": seconds for phase, seconds in timer.seconds.items()},
+        })
+        return metrics
+
+    # ------------------------------------------------------------------ weights, checkpoints
+
+    def _push_weights(self) -> dict:
+        """Collective: gather, rename and bucket the weights; the driver pushes them."""
+        from sdpg_megatron.rollout.buckets import hf_buckets
+
+        buckets = hf_buckets(
+            self.passes.policy.module, self.arch, self.groups,
+            bucket_bytes=self.config.rollout.bucket_bytes, dtype=getattr(torch, self.config.rollout.dtype),
+        )
+        if self.is_driver:
+            return self.driver.fleet.push_weights(buckets, self.driver.fleet.version + 1)
+        for _ in buckets:  # non-driver ranks take part in the gathers and sends
+            pass
+        return {}
+
+    def _save(self, step: int) -> None:
+        from sdpg_megatron.checkpoint import save_checkpoint
+
+        state = {"step": step, "config": config_to_dict(self.config)}
+        path = save_checkpoint(self.checkpoint_dir, step, self.passes.policy, self.groups, state,
+                               keep_last=self.config.checkpoint.keep_last)
+        if self.is_driver:
+            logger.info("step %d: checkpoint %s", step, path)
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = None
+
+
+class _Driver:
+    """Rank 0's side of a step: prompts, rollouts, rewards, metrics."""
+
+    def __init__(self, config: Config, fleet, start_step: int):
+        from transformers import AutoTokenizer
+
+        from sdpg_megatron.metrics import MetricsLogger
+        from sdpg_megatron.reward import VerifierPool
+
+        self.config = config
+        out_dir = Path(config.logging.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_dir or config.model.hf_dir)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {config.model.tokenizer_dir or config.model.hf_dir} has no EOS token")
+        self.prompts = PromptSet(config, self.tokenizer)
+        self.verifier = VerifierPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
+        self.ray_dir = None
+        self.owns_fleet = fleet is None
+        self.fleet = fleet if fleet is not None else self._start_fleet()
+        self.metrics = MetricsLogger(
+            out_dir, total_steps=config.schedule.total_steps, start_step=start_step,
+            tensorboard=config.logging.tensorboard, progress=config.logging.progress,
+        )
+
+    def _start_fleet(self):
+        from sdpg_megatron.rollout.engine import EngineSettings
+        from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
+
+        r = self.config.rollout
+        if r.ray_address is None:
+            self.ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")  # Ray's socket paths must be short
+            os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(self.ray_dir, "vllm-cache"))
+        connect_ray(temp_dir=self.ray_dir, address=r.ray_address)
+        engine = EngineSettings(
+            model_dir=self.config.model.hf_dir, tensor_parallel=r.engine_tensor_parallel, dtype=r.dtype,
+            max_model_len=self.config.data.max_prompt_tokens + r.max_response_tokens,
+            max_num_seqs=r.max_num_seqs, kv_cache_bytes=r.kv_cache_bytes,
+            gpu_memory_utilization=r.gpu_memory_utilization, cpu_threads_bind=r.cpu_threads_bind,
+            seed=self.config.schedule.seed,
+        )
+        logger.info("starting %d rollout engine(s)", r.num_engines)
+        return RolloutFleet(FleetSettings(
+            num_engines=r.num_engines, engine=engine, cpus_per_engine=r.cpus_per_engine,
+            gpus_per_engine=r.gpus_per_engine, request_timeout_s=r.request_timeout_s,
+            max_restarts=r.max_restarts, ray_address=r.ray_address,
+        ))
+
+    def rollout(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:
+        from sdpg_megatron.reward import score_responses
+        from sdpg_megatron.rollout.engine import SamplingSettings
+
+        cfg, r = self.config, self.config.rollout
+        group_size = cfg.algorithm.group_size
+        problems = self.prompts.batch(step)
+        sampling = SamplingSettings(
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_response_tokens,
+            stop_token_ids=(self.tokenizer.eos_token_id,),
+        )
+        with timer("rollout"):
+            groups = self.fleet.generate(
+                [p.student_ids for p, _ in problems], n=group_size, sampling=sampling,
+                seed=cfg.schedule.seed * 1_000_003 + step,
+            )
+        rollouts = [rollout for group in groups for rollout in group]
+        stale = [x.weight_version for x in rollouts if x.weight_version != self.fleet.version]
+        if stale:
+            raise RuntimeError(f"step {step}: rollouts from weight versions {sorted(set(stale))}, fleet is at {self.fleet.version}")
+        with timer("reward"):
+            texts = [self.tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in rollouts]
+            answers = [problems[x.prompt_index][1].answer for x in rollouts]
+            scored = score_responses(
+                self.verifier, texts, answers, [len(x.token_ids) for x in rollouts],
+                max_response_tokens=r.max_response_tokens, overlong_buffer=cfg.reward.overlong_buffer,
+                truncated=[x.finish_reason == "length" for x in rollouts],
+            )
+        samples = [
+            Sample(group=x.prompt_index, student_prompt=problems[x.prompt_index][0].student_ids,
+                   teacher_prompt=problems[x.prompt_index][0].teacher_ids, response=list(x.token_ids),
+                   old_logprobs=list(x.logprobs), reward=reward, correct=correct)
+            for x, reward, correct in zip(rollouts, scored.rewards, scored.correct)
+        ]
+        lengths = torch.tensor([len(x.token_ids) for x in rollouts], dtype=torch.float64)
+        correct = torch.tensor(scored.correct, dtype=torch.float64).reshape(-1, group_size)
+        total = len(rollouts)
+        metrics = {
+            "reward_mean": sum(scored.rewards) / total,
+            "accuracy": correct.mean().item(),
+            "pass_at_group": (correct.amax(dim=1)).mean().item(),
+            "response_length": lengths.mean().item(),
+            "response_length_max": lengths.max().item(),
+            **{f"verifier/{status}": count / total for status, count in scored.counts.items()},
+            "data/invalid_rows": self.prompts.num_invalid,
+            "data/too_long": self.prompts.num_too_long,
+        }
+        return make_step_batch(step, samples, group_size), metrics
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.verifier.close()
+        if self.owns_fleet:
+            import ray
+
+            self.fleet.shutdown()
+            ray.shutdown()
+            if self.ray_dir:
+                shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+
+class PromptSet:
+    """The training prompts, loaded, validated and encoded once; `batch(step)` is a pure
+    function of (seed, step), so a resumed run sees the same prompts."""
+
+    def __init__(self, config: Config, tokenizer):
+        from sdpg_megatron.data import PromptSampler, PromptTooLongError, encode_problem, load_dapo_parquet
+
+        problems, self.num_invalid, self.num_too_long = [], 0, 0
+        for path in config.data.train_files:
+            report = load_dapo_parquet(path)
+            self.num_invalid += report.num_invalid
+            for reason in report.invalid:
+                logger.warning("%s: skipped %s", path, reason)
+            problems.extend(report.problems)
+        items = []  # (EncodedPrompt, Problem); uids need not be unique across files
+        for problem in problems:
+            try:
+                encoded = encode_problem(
+                    tokenizer, problem, max_prompt_tokens=config.data.max_prompt_tokens, privileged=config.data.privileged
+                )
+            except PromptTooLongError as error:
+                self.num_too_long += 1
+                logger.warning("skipped: %s", error)
+                continue
+            items.append((encoded, problem))
+        if len(items) < config.schedule.prompts_per_step:
+            raise ValueError(
+                f"data.train_files {list(config.data.train_files)} give {len(items)} usable problems "
+                f"({self.num_invalid} invalid rows, {self.num_too_long} prompts over data.max_prompt_tokens); "
+                f"a step needs schedule.prompts_per_step={config.schedule.prompts_per_step}"
+            )
+        logger.info("training data: %d problems (%d invalid rows, %d too long)", len(items), self.num_invalid, self.num_too_long)
+        self.sampler = PromptSampler(items, config.schedule.seed)
+        self.prompts_per_step = config.schedule.prompts_per_step
+
+    def batch(self, step: int):
+        """[(EncodedPrompt, Problem)] for rollout step `step` (1-based)."""
+        return self.sampler.batch(step - 1, self.prompts_per_step)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="sdpg_megatron.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a JSON config written by an earlier run (out_dir/config.json)")
+    parser.add_argument("--preset", help="algorithm preset: sdpg-urkl, sdpg-ufkl, grpo, rlsd, opcd, ablation-beta0, ablation-alpha0")
+    parser.add_argument("--hf-dir", help="Hugging Face Qwen3 directory: initial weights, config and tokenizer")
+    parser.add_argument("--train-data", action="append", help="DAPO-schema parquet (repeatable)")
+    parser.add_argument("--out-dir", help="run directory: metrics, TensorBoard, checkpoints")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, help="pipeline-parallel size")
+    parser.add_argument("--steps", type=int, help="schedule.total_steps")
+    parser.add_argument("--seed", type=int, help="schedule.seed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="any config field, e.g. --set rollout.max_response_tokens=2048 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_dict(json.loads(Path(args.config).read_text())) if args.config else Config()
+        if args.preset:
+            config.algorithm = algorithm_preset(args.preset)
+        shortcuts = {
+            "model.hf_dir": args.hf_dir, "logging.out_dir": args.out_dir, "parallel.tensor_parallel": args.tp,
+            "parallel.pipeline_parallel": args.pp, "schedule.total_steps": args.steps, "schedule.seed": args.seed,
+        }
+        apply_overrides(config, [f"{key}={value}" for key, value in shortcuts.items() if value is not None])
+        if args.train_data:
+            config.data.train_files = tuple(args.train_data)
+        apply_overrides(config, args.overrides)
+        validate(config)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    if args.print_config:
+        print(json.dumps(config_to_dict(config), indent=2))
+        sys.exit(0)
+    return config
+
+
+def init_distributed() -> None:
+    """torch.distributed from torchrun's environment (or a world of one without it)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
+        format=f"[rank {dist.get_rank()}] %(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-bucket parameter listings
+    groups = initialize_parallel(
+        tensor_parallel=config.parallel.tensor_parallel, pipeline_parallel=config.parallel.pipeline_parallel,
+        seed=config.schedule.seed,
+    )
+    try:
+        Trainer(config, groups).run()
+    finally:
+        destroy_parallel()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
