@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sdpg_megatron.fsio import fsync_dir, write_text_atomic
 from sdpg_megatron.model.training import TrainableModel
 from sdpg_megatron.parallel.groups import ParallelGroups
 
@@ -130,8 +131,8 @@ def save_checkpoint(
 
     if rank == 0:
         _write_synced(staging / COMPLETE_MARKER, json.dumps({"step": step}))
-        _fsync_dir(staging / RNG_DIR)
-        _fsync_dir(staging)
+        fsync_dir(staging / RNG_DIR)
+        fsync_dir(staging)
         if final.exists():  # the same step saved again (a resumed run): set the old one aside;
             # a crash before the next rename leaves `latest` naming nothing, and
             # latest_checkpoint falls back to the newest complete one.
@@ -139,10 +140,8 @@ def save_checkpoint(
             shutil.rmtree(replaced, ignore_errors=True)
             final.rename(replaced)
         staging.rename(final)
-        _fsync_dir(root)
-        _write_synced(root / f"{TMP_PREFIX}{LATEST_FILE}", final.name)
-        os.replace(root / f"{TMP_PREFIX}{LATEST_FILE}", root / LATEST_FILE)
-        _fsync_dir(root)
+        fsync_dir(root)
+        write_text_atomic(root / LATEST_FILE, final.name)
         _prune(root, keep=final, keep_last=keep_last)
     dist.barrier()
     return final
@@ -405,11 +404,3 @@ def _write_synced(path: Path, text: str) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -138,6 +138,16 @@ class RewardConfig:
 
 
 @dataclass(kw_only=True)
+class EvaluationConfig:
+    """pass@1 mean@k on held-out benchmarks through the fleet (METHOD.md, "Evaluation")."""
+
+    benchmarks: tuple[str, ...] = ()  # "name=path.parquet", e.g. "aime24=data/eval/aime-2024.parquet"
+    interval: int = 0  # steps between evaluations (and after the last step); 0 disables
+    k: int = 32
+    max_response_tokens: int | None = None  # None: rollout.max_response_tokens
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     interval: int = 50  # steps; 0 saves only at the end
     keep_last: int = 2
@@ -163,6 +173,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -425,6 +436,17 @@ def _validate_reward(c: RewardConfig) -> None:
     _require(c.overlong_buffer is None or c.overlong_buffer >= 1, "reward.overlong_buffer", "must be >= 1 or None")
 
 
+def _validate_evaluation(c: EvaluationConfig) -> None:
+    p = "evaluation."
+    _require(c.interval >= 0, p + "interval", "must be >= 0 (0 disables evaluation)")
+    _require(c.k >= 1, p + "k", f"must be >= 1, got {c.k}")
+    _require(c.max_response_tokens is None or c.max_response_tokens >= 1, p + "max_response_tokens", "must be >= 1 or None")
+    _require(not c.interval or bool(c.benchmarks), p + "benchmarks", "name at least one name=path.parquet when interval > 0")
+    for spec in c.benchmarks:
+        name, sep, path = spec.partition("=")
+        _require(bool(sep and name and path), p + "benchmarks", f"write {spec!r} as name=path.parquet")
+
+
 def _validate_checkpoint(c: CheckpointConfig) -> None:
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -452,6 +474,7 @@ _SECTION_CHECKS = {
     DataConfig: _validate_data,
     RolloutConfig: _validate_rollout,
     RewardConfig: _validate_reward,
+    EvaluationConfig: _validate_evaluation,
     CheckpointConfig: _validate_checkpoint,
     LoggingConfig: _validate_logging,
 }

@@ -1,7 +1,8 @@
 """One rollout step's experience, from the driver's rollouts to Megatron micro-batches.
 
 The driver (global rank 0) builds a `StepBatch` — every response with its two prompt
-views, the rollout log-probs and its reward — and broadcasts it; every rank then cuts the
+views, the rollout log-probs and its reward — and broadcasts it (`Trainer._from_driver`,
+a pickled object over the default group); every rank then cuts the
 same batch into PPO mini-batches, takes its data-parallel slice and packs micro-batches.
 
 Token layout of a micro-batch (Megatron's GPT convention, position t predicts token t+1):
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 @dataclass
@@ -79,14 +79,6 @@ def make_step_batch(step: int, samples: list[Sample], group_size: int) -> StepBa
     longest_student = max(len(s.student_prompt) + len(s.response) for s in samples)
     longest_teacher = max(len(s.teacher_prompt) + len(s.response) for s in samples)
     return StepBatch(step, samples, group_size, padded_length(longest_student), padded_length(longest_teacher))
-
-
-def broadcast_step_batch(batch: StepBatch | None, src: int = 0) -> StepBatch:
-    """The driver's batch on every rank (pickled over the default group; it holds only
-    token ids and floats)."""
-    box = [batch]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def minibatch_sample_ids(batch: StepBatch, num_minibatches: int, dp_size: int, dp_rank: int) -> list[list[int]]:

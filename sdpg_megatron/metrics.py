@@ -25,21 +25,15 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from sdpg_megatron.fsio import write_text_atomic
+
 METRICS_FILE_NAME = "metrics.jsonl"
 TENSORBOARD_DIR_NAME = "tensorboard"
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """Write `obj` as indented JSON to `path`: readers see the old file or the new one, never half."""
-    path = Path(path)
-    _write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-    return path
 
 
 def read_metrics(path_or_dir: str | os.PathLike) -> list[dict]:
@@ -214,36 +208,5 @@ def _parse_lines(path: Path) -> list[tuple[str, dict]]:
 def _truncate_after(path: Path, last_kept_step: int) -> int | None:
     """Keep only the lines with step <= last_kept_step; return the last kept step."""
     kept = [(line, record["step"]) for line, record in _parse_lines(path) if record["step"] <= last_kept_step]
-    _write_text_atomic(path, "".join(line + "\n" for line, _ in kept))
+    write_text_atomic(path, "".join(line + "\n" for line, _ in kept))
     return max((step for _, step in kept), default=None)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); keep the replaced file's mode, or a plain 0644.
-        os.fchmod(file_descriptor, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(file_descriptor, "w", encoding="utf-8") as temp_file:
-            temp_file.write(text)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        dir_descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_descriptor)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from sdpg_megatron.algo import current_beta, group_relative_advantages
 from sdpg_megatron.config import (
     Config, algorithm_preset, apply_overrides, config_from_dict, config_to_dict, validate,
 )
-from sdpg_megatron.experience import Sample, StepBatch, broadcast_step_batch, make_step_batch, micro_batches, minibatch_sample_ids
+from sdpg_megatron.experience import Sample, StepBatch, make_step_batch, micro_batches, minibatch_sample_ids
 from sdpg_megatron.parallel.groups import ParallelGroups, destroy_parallel, initialize_parallel
 from sdpg_megatron.passes import ModelPasses
 
@@ -75,7 +76,12 @@ class Trainer:
         state = load_checkpoint(self.checkpoint_dir, self.passes.policy, groups)
         if state is not None:  # model, optimizer, LR schedule position and RNG restored
             self.start_step = int(state["step"])
-        self.driver = _Driver(config, fleet, self.start_step) if self.is_driver else None
+        self.driver = None
+
+        def start_driver():
+            self.driver = _Driver(config, fleet, self.start_step)
+
+        self._from_driver(start_driver)
         self._push_weights()  # the engines serve exactly the trainer's weights from the first step
 
     # ------------------------------------------------------------------ the loop
@@ -89,6 +95,7 @@ class Trainer:
             for step in range(self.start_step + 1, last + 1):
                 metrics = self.step(step)
                 if self.is_driver:
+                    metrics.update(self.driver.maybe_evaluate(step))
                     self.driver.metrics.log(step, metrics)
                 interval = self.config.checkpoint.interval
                 if step == total or (interval and step % interval == 0):
@@ -100,8 +107,14 @@ class Trainer:
         """One rollout step k = `step` (1-based); returns the driver's metrics (others: {})."""
         cfg, timer = self.config, PhaseTimer()
         started = time.perf_counter()
-        batch, driver_metrics = self.driver.rollout(step, timer) if self.is_driver else (None, {})
-        batch = broadcast_step_batch(batch)
+        driver_metrics = {}
+
+        def rollout():
+            batch, metrics = self.driver.rollout(step, timer)
+            driver_metrics.update(metrics)
+            return batch
+
+        batch = self._from_driver(rollout)
 
         plan = minibatch_sample_ids(batch, cfg.schedule.minibatches_per_step, self.groups.dp_size, self.groups.dp_rank)
         rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float64)
@@ -150,6 +163,22 @@ class Trainer:
         })
         return metrics
 
+    def _from_driver(self, produce):
+        """Rank 0 runs `produce()` and every rank gets its result; if it raises, every rank
+        raises too (instead of waiting forever in the next collective)."""
+        box = [None]
+        if self.is_driver:
+            try:
+                box = [("ok", produce())]
+            except BaseException as error:
+                dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0)
+                raise
+        dist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise RuntimeError(f"the driver (rank 0) failed: {value}")
+        return value
+
     # ------------------------------------------------------------------ weights, checkpoints
 
     def _push_weights(self) -> dict:
@@ -160,11 +189,10 @@ class Trainer:
             self.passes.policy.module, self.arch, self.groups,
             bucket_bytes=self.config.rollout.bucket_bytes, dtype=getattr(torch, self.config.rollout.dtype),
         )
-        if self.is_driver:
-            return self.driver.fleet.push_weights(buckets, self.driver.fleet.version + 1)
-        for _ in buckets:  # non-driver ranks take part in the gathers and sends
-            pass
-        return {}
+        if not self.is_driver:
+            for _ in buckets:  # non-driver ranks take part in the gathers and sends
+                pass
+        return self._from_driver(lambda: self.driver.fleet.push_weights(buckets, self.driver.fleet.version + 1))
 
     def _save(self, step: int) -> None:
         from sdpg_megatron.checkpoint import save_checkpoint
@@ -206,6 +234,37 @@ class _Driver:
             out_dir, total_steps=config.schedule.total_steps, start_step=start_step,
             tensorboard=config.logging.tensorboard, progress=config.logging.progress,
         )
+        self.eval_dir = out_dir / "eval"
+        self.benchmarks = []
+        if config.evaluation.benchmarks:
+            from sdpg_megatron.evaluate import EvalHistory, load_benchmarks, parse_benchmark_specs
+
+            self.benchmarks = load_benchmarks(parse_benchmark_specs(config.evaluation.benchmarks), self.tokenizer,
+                                              max_prompt_tokens=config.data.max_prompt_tokens)
+            self.eval_history = EvalHistory.load(self.eval_dir / "summary.json", up_to_step=start_step)
+
+    def maybe_evaluate(self, step: int) -> dict[str, float]:
+        """pass@1 mean@k on the benchmarks every evaluation.interval steps and after the
+        last; per-problem results in eval/step_XXXXXXXX.json, Last/Best in eval/summary.json."""
+        from sdpg_megatron.evaluate import evaluate
+        from sdpg_megatron.fsio import write_json_atomic
+        from sdpg_megatron.rollout.engine import SamplingSettings
+
+        e, r = self.config.evaluation, self.config.rollout
+        if not self.benchmarks or not e.interval or (step % e.interval and step != self.config.schedule.total_steps):
+            return {}
+        sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                    max_tokens=e.max_response_tokens or r.max_response_tokens,
+                                    stop_token_ids=(self.tokenizer.eos_token_id,))
+        started = time.perf_counter()
+        results = evaluate(self.fleet, self.tokenizer, self.verifier, self.benchmarks, k=e.k, sampling=sampling,
+                           seed=self.config.schedule.seed)
+        self.eval_history.add(step, results)
+        write_json_atomic(self.eval_dir / f"step_{step:08d}.json", {"step": step, "k": e.k, "benchmarks": results})
+        write_json_atomic(self.eval_dir / "summary.json", self.eval_history.summary())
+        metrics = {f"eval/{name}/pass@1": result["pass@1"] for name, result in results.items()}
+        metrics["time/eval"] = time.perf_counter() - started
+        return metrics
 
     def _start_fleet(self):
         from sdpg_megatron.rollout.engine import EngineSettings
@@ -396,6 +455,9 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    # SIGTERM (torchrun tearing a failed job down, Slurm preempting it) unwinds through the
+    # `finally` blocks, so the driver stops its engines and its local Ray instance.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     init_distributed()
     logging.basicConfig(
         level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,

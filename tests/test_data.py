@@ -26,7 +26,7 @@ from sdpg_megatron.data import (
     write_dapo_parquet,
 )
 
-EVAL_DIR = Path(os.environ.get("SDPG_EVAL_DIR", "/work/shared/data/eval"))
+EVAL_DIR = Path(os.environ.get("SDPG_EVAL_DIR", Path(__file__).resolve().parents[1] / "data" / "eval"))
 EVAL_FILES = {"aime-2024.parquet": 30, "aime25.parquet": 30, "amc-23.parquet": 40}
 
 DAPO_WRAPPED = (

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from sdpg_megatron import metrics as metrics_module
-from sdpg_megatron.metrics import MetricsLogger, read_metrics, write_json_atomic
+from sdpg_megatron.fsio import write_json_atomic
+from sdpg_megatron.metrics import MetricsLogger, read_metrics
 from sdpg_megatron.plotting import plot_runs, summarize_runs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,9 @@ verifier sees a mix of right and wrong answers; the training file carries bad ro
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,11 @@ PRESETS = ["sdpg-urkl", "sdpg-ufkl", "grpo", "rlsd", "opcd", "ablation-beta0", "
 BAD_ROWS = 2  # appended to the training file: no ground truth, empty prompt
 STEPS = 2
 VOLATILE = ("time/", "weights/version", "weights/push_seconds")  # differ between identical runs
+EVAL_DIR = Path(__file__).resolve().parents[1] / "data" / "eval"
+EVALUATION = {  # the real AIME 2024 and AMC 2023 files, 2 samples per problem, every 2 steps
+    "evaluation.benchmarks": f"aime24={EVAL_DIR / 'aime-2024.parquet'},amc23={EVAL_DIR / 'amc-23.parquet'}",
+    "evaluation.interval": 2, "evaluation.k": 2, "evaluation.max_response_tokens": 16, "data.max_prompt_tokens": 1500,
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +89,16 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(ray_dir, "vllm-cache"))
         connect_ray(temp_dir=ray_dir, num_cpus=2)
         fleet = RolloutFleet(FleetSettings(num_engines=1, engine=EngineSettings(
-            model_dir=tiny.model_dir, kv_cache_bytes=64 * 2**20, max_model_len=424, max_num_seqs=64)))
+            model_dir=tiny.model_dir, kv_cache_bytes=256 * 2**20, max_model_len=1524, max_num_seqs=64)))
     report = {}
     try:
+        # Too few usable problems: rank 0 fails while building its driver, and every rank
+        # raises with the reason instead of waiting in the next collective.
+        try:
+            Trainer(_config(tiny, "grpo", root / "bad", **{"schedule.prompts_per_step": 500,
+                                                          "schedule.minibatches_per_step": 1}), groups, fleet=fleet)
+        except Exception as error:  # noqa: BLE001 - the message is what is checked
+            report["bad_data_error"] = f"{type(error).__name__}: {error}"
         for preset in PRESETS:
             trainer = Trainer(_config(tiny, preset, root / preset), groups, fleet=fleet)
             before = _weights(trainer)
@@ -95,11 +109,13 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
         # Resume: straight through 4 steps vs stopped after 2 and resumed by a new Trainer.
         for name, stops in (("straight", [None]), ("resumed", [2, None])):
             for stop in stops:
-                config = _config(tiny, "sdpg-urkl", root / name, **{"schedule.total_steps": 4, "checkpoint.interval": 2})
+                config = _config(tiny, "sdpg-urkl", root / name,
+                                 **{"schedule.total_steps": 4, "checkpoint.interval": 2, **EVALUATION})
                 Trainer(config, groups, fleet=fleet).run(stop_after=stop)
             if rank == 0:
                 report[name] = read_metrics(root / name)
                 report[name + "_checkpoints"] = sorted(p.name for p in (root / name / "checkpoints").iterdir())
+                report[name + "_eval"] = {p.name: json.loads(p.read_text()) for p in (root / name / "eval").iterdir()}
     finally:
         if fleet is not None:
             import ray
@@ -111,8 +127,13 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(tiny, tmp_path_factory):
-    return run_distributed(_scenarios, 2, tiny, tmp_path_factory.mktemp("runs"), timeout_s=900)[0]
+def reports(tiny, tmp_path_factory):
+    return run_distributed(_scenarios, 2, tiny, tmp_path_factory.mktemp("runs"), timeout_s=900)
+
+
+@pytest.fixture(scope="module")
+def report(reports):
+    return reports[0]  # the driver's view: metrics and files
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -151,3 +172,29 @@ def test_resume_reproduces_an_uninterrupted_run(report):
             if key.startswith(VOLATILE):
                 continue
             assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_evaluation_during_training_tracks_last_and_best(report):
+    for name in ("straight", "resumed"):
+        files = report[name + "_eval"]
+        assert sorted(files) == ["step_00000002.json", "step_00000004.json", "summary.json"]
+        step4 = files["step_00000004.json"]["benchmarks"]
+        assert step4["aime24"]["num_problems"] == 30 and step4["amc23"]["num_problems"] == 40
+        for result in step4.values():
+            assert all(p["samples"] == 2 and sum(p["statuses"].values()) == 2 for p in result["problems"])
+            assert result["pass@1"] == sum(p["mean_correct"] for p in result["problems"]) / result["num_problems"]
+        summary = files["summary.json"]
+        for bench, entry in summary.items():
+            assert sorted(entry["history"]) == ["2", "4"] and entry["last_step"] == 4
+            assert entry["best"] == max(entry["history"].values())
+        metrics = report[name][-1]
+        assert metrics["eval/aime24/pass@1"] == summary["aime24"]["last"]
+    # the resumed run re-evaluates step 4 from the same weights and seeds
+    assert report["resumed_eval"]["summary.json"] == report["straight_eval"]["summary.json"]
+
+
+
+def test_a_driver_failure_stops_every_rank_with_its_reason(reports):
+    driver, other = reports[0]["bad_data_error"], reports[1]["bad_data_error"]
+    assert driver.startswith("ValueError: data.train_files") and "schedule.prompts_per_step=500" in driver
+    assert other.startswith("RuntimeError: the driver (rank 0) failed: ValueError: data.train_files")

