@@ -87,9 +87,13 @@ class OptimizerConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     """The policy's starting point: a Hugging Face Qwen3 directory (config, safetensors,
-    tokenizer); the engines load it too, then take every weight push."""
+    tokenizer); the engines load it too, then take every weight push. With `mcore_dir`
+    the trainer (policy and π_ref) reads its initial weights from that Megatron checkpoint
+    (tools/hf_to_mcore.py's output) instead of the safetensors: each rank reads only its
+    shards. A run that has its own checkpoints resumes from those and ignores both."""
 
     hf_dir: str = ""
+    mcore_dir: str | None = None
     tokenizer_dir: str | None = None  # None: hf_dir
     params_dtype: Literal["float32", "bfloat16"] = "float32"
 

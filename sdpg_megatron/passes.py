@@ -21,6 +21,7 @@ import torch.distributed as dist
 from sdpg_megatron.algo import sdpg_loss
 from sdpg_megatron.config import Config
 from sdpg_megatron.experience import MicroBatch, StepBatch
+from sdpg_megatron.model.convert import check_mcore_source, load_mcore_weights
 from sdpg_megatron.model.hf_mapping import load_hf_weights
 from sdpg_megatron.model.provider import response_states
 from sdpg_megatron.model.training import StepResult, build_frozen, build_policy, forward_only, train_step
@@ -43,8 +44,14 @@ class ModelPasses:
         padded = padded_vocab_size(self.arch.vocab_size, groups.tp_size)
 
         def load(module):
-            load_hf_weights(module, self.arch, source.read, padded_vocab=padded, tp_size=groups.tp_size,
-                            tp_rank=groups.tp_rank, pp_size=groups.pp_size, pp_rank=groups.pp_rank)
+            if config.model.mcore_dir:
+                load_mcore_weights(module, config.model.mcore_dir)
+            else:
+                load_hf_weights(module, self.arch, source.read, padded_vocab=padded, tp_size=groups.tp_size,
+                                tp_rank=groups.tp_rank, pp_size=groups.pp_size, pp_rank=groups.pp_rank)
+
+        if config.model.mcore_dir:
+            check_mcore_source(config.model.mcore_dir, self.arch, padded, tp=groups.tp_size)
 
         self.policy = build_policy(self.arch, groups, config.optimizer, params_dtype=dtype, load_weights=load)
         uses_reference = config.algorithm.uses_reference

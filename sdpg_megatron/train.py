@@ -69,13 +69,19 @@ class Trainer:
         self.is_driver = dist.get_rank() == 0
         self.out_dir = Path(config.logging.out_dir)
         self.checkpoint_dir = Path(config.checkpoint.dir or self.out_dir / "checkpoints")
+        from sdpg_megatron.layout import plan_layout
+
         source = HFCheckpoint(config.model.hf_dir)
         self.arch = source.arch
+        # the dry run's divisibility checks, at this world size (memory is not judged here)
+        plan_layout(config, self.arch, world_size=dist.get_world_size(), allow_overflow=True)
         self.passes = ModelPasses(config, groups, source)
         self.start_step = 0
         state = load_checkpoint(self.checkpoint_dir, self.passes.policy, groups)
         if state is not None:  # model, optimizer, LR schedule position and RNG restored
             self.start_step = int(state["step"])
+            if self.is_driver:
+                logger.info("resuming after step %d from %s", self.start_step, self.checkpoint_dir)
         self.driver = None
 
         def start_driver():
@@ -407,6 +413,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="any config field, e.g. --set rollout.max_response_tokens=2048 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    plan = parser.add_argument_group("dry run (no GPUs needed)")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="check config, parallel layout and per-GPU memory for --world-size ranks; print them and exit")
+    plan.add_argument("--world-size", type=int, help="trainer ranks (default TP × PP)")
+    plan.add_argument("--gpus-per-node", type=int, help="trainer GPUs per node (TP must stay inside one)")
+    plan.add_argument("--rollout-gpus", type=int, help="GPUs for the vLLM fleet (checks engines × engine TP fit)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+    plan.add_argument("--arch", help="Qwen3 preset (qwen3-4b, ...) to plan with while --hf-dir has no config.json")
+    plan.add_argument("--quiet", action="store_true", help="print nothing unless the check fails")
     args = parser.parse_args(argv)
     try:
         config = config_from_dict(json.loads(Path(args.config).read_text())) if args.config else Config()
@@ -426,7 +441,53 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         sys.exit(0)
+    if args.dry_run:
+        try:
+            report = dry_run(config, world_size=args.world_size, gpus_per_node=args.gpus_per_node,
+                             rollout_gpus=args.rollout_gpus, gpu_memory_gib=args.gpu_memory_gib, arch_name=args.arch)
+        except (ValueError, OSError) as error:
+            parser.exit(2, f"{parser.prog}: dry run: {error}\n")
+        if not args.quiet:
+            print(report)
+        sys.exit(0)
     return config
+
+
+def dry_run(config: Config, *, world_size: int | None, gpus_per_node: int | None, rollout_gpus: int | None,
+            gpu_memory_gib: float = 80.0, arch_name: str | None = None) -> str:
+    """The launch checks of `layout.plan_layout` on this machine (no GPUs, no torch.distributed):
+    returns the resolved config, layout and memory table; raises ValueError naming the fix."""
+    from sdpg_megatron.layout import plan_layout
+    from sdpg_megatron.model.convert import read_model_info
+    from sdpg_megatron.model.mcore_checkpoint import is_checkpoint
+    from sdpg_megatron.model.qwen3 import from_hf_config, qwen3_preset
+
+    notes = []
+    hf_config = Path(config.model.hf_dir) / "config.json"
+    if hf_config.is_file():
+        arch = from_hf_config(json.loads(hf_config.read_text()), source=str(hf_config))
+    elif arch_name:
+        arch = qwen3_preset(arch_name)
+        notes.append(f"{hf_config} not found here: planned with the {arch_name} preset")
+    else:
+        raise FileNotFoundError(f"{hf_config} not found; pass --arch (e.g. qwen3-4b) to plan without it")
+    padded_vocab = None
+    mcore_dir = config.model.mcore_dir
+    if mcore_dir and is_checkpoint(mcore_dir):
+        saved_arch, padded_vocab, _ = read_model_info(mcore_dir)
+        if saved_arch != arch:
+            raise ValueError(f"model.mcore_dir={mcore_dir} holds another model than {hf_config}; convert it again")
+    elif mcore_dir:
+        notes.append(f"model.mcore_dir={mcore_dir} does not exist yet: the job converts {config.model.hf_dir} into it")
+    benchmarks = [spec.partition("=")[2] for spec in config.evaluation.benchmarks]
+    notes += [f"not found here: {path}" for path in (*config.data.train_files, *benchmarks) if not Path(path).exists()]
+    tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+    layout = plan_layout(config, arch, world_size=world_size or tp * pp, gpus_per_node=gpus_per_node,
+                         gpu_memory_gib=gpu_memory_gib, rollout_gpus=rollout_gpus, padded_vocab=padded_vocab)
+    algo, sched = config.algorithm, config.schedule
+    header = (f"{algo.name}: {sched.total_steps} steps, lr {config.optimizer.lr}, β_base {algo.beta_base}, "
+              f"anchor {algo.anchor} α {algo.alpha}, out_dir {config.logging.out_dir}")
+    return "\n".join([header, layout.describe(), *(f"note: {note}" for note in notes), "dry run: OK"])
 
 
 def init_distributed() -> None:

@@ -81,10 +81,9 @@ def test_round_trip_is_bit_exact(hf_dirs, converted, tied, tmp_path):
 
 
 def _load_at_layouts(rank: int, world_size: int, mcore_dirs: dict, hf_dirs: dict, layouts: list) -> dict:
-    from megatron.core import dist_checkpointing
     from transformers import Qwen3ForCausalLM
 
-    from sdpg_megatron.model.convert import read_model_info
+    from sdpg_megatron.model.convert import load_mcore_weights, read_model_info
     from sdpg_megatron.model.provider import model_provider, transformer_config
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
     from tests.test_model_parity import _pipeline_forward
@@ -101,8 +100,7 @@ def _load_at_layouts(rank: int, world_size: int, mcore_dirs: dict, hf_dirs: dict
                 with torch.no_grad():
                     for param in model.parameters():
                         param.fill_(-123.0)  # anything not loaded shows
-                state = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir))
-                model.load_state_dict(state, strict=False)
+                load_mcore_weights(model, mcore_dir)  # what the trainer does with model.mcore_dir
                 input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
                 logits = _pipeline_forward(model, config, input_ids, return_hidden=False)
                 if groups.is_last_stage:

@@ -132,6 +132,35 @@ def read_model_info(mcore_dir: str | os.PathLike) -> tuple[Qwen3Arch, int, torch
     return Qwen3Arch(**info["arch"]), int(info["padded_vocab"]), getattr(torch, info["dtype"])
 
 
+def check_mcore_source(mcore_dir: str | os.PathLike, arch: Qwen3Arch, padded_vocab: int, *, tp: int) -> None:
+    """ValueError unless `mcore_dir` holds `arch` with the vocabulary padding a TP-`tp`
+    model uses (checked before any rank reads a tensor)."""
+    saved_arch, saved_padded, _ = read_model_info(mcore_dir)
+    if saved_arch != arch:
+        raise ValueError(
+            f"model.mcore_dir={mcore_dir} holds {saved_arch}, but model.hf_dir describes {arch}; convert that "
+            f"Hugging Face directory with tools/hf_to_mcore.py"
+        )
+    if saved_padded != padded_vocab:
+        raise ValueError(
+            f"model.mcore_dir={mcore_dir} pads the vocabulary to {saved_padded} rows; a TP {tp} model pads it to "
+            f"{padded_vocab}: convert again with tools/hf_to_mcore.py --tp {tp}"
+        )
+
+
+def load_mcore_weights(module: torch.nn.Module, mcore_dir: str | os.PathLike) -> None:
+    """Load a model-only Megatron checkpoint into `module` (collective: every rank reads
+    just its own TP/PP shards through dist_checkpointing)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(module.sharded_state_dict(), str(mcore_dir))
+    with torch.no_grad():
+        result = module.load_state_dict(state, strict=False)  # strict=False: TE _extra_state
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"model.mcore_dir={mcore_dir} has no {missing[:3]} ({len(missing)} missing); is it this model?")
+
+
 @contextlib.contextmanager
 def _megatron_process_group():
     """Megatron's TP1/PP1 state in this process (a one-rank gloo group if none exists)."""

@@ -8,6 +8,7 @@ post_process, vp_stage)` contract expects (bind the rest with functools.partial)
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -68,18 +69,29 @@ def transformer_config(
 
 
 def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """ValueError naming the quantity that a TP/PP size does not divide."""
-    if tensor_parallel < 1 or pipeline_parallel < 1:
-        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got {tensor_parallel}, {pipeline_parallel}")
-    for quantity, value in (("num_attention_heads", arch.num_attention_heads),
-                            ("num_query_groups", arch.num_query_groups),
-                            ("ffn_hidden_size", arch.ffn_hidden_size)):
-        if value % tensor_parallel:
-            raise ValueError(f"tensor parallel size {tensor_parallel} does not divide {quantity}={value}")
-    if arch.num_layers % pipeline_parallel:
+    """ValueError naming the quantity that a TP/PP size does not divide, and sizes that do."""
+    tp, pp = tensor_parallel, pipeline_parallel
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got {tp}, {pp}")
+    quantities = (("num_attention_heads", arch.num_attention_heads), ("num_query_groups", arch.num_query_groups),
+                  ("ffn_hidden_size", arch.ffn_hidden_size))
+    for quantity, value in quantities:
+        if value % tp:
+            valid = divisors(math.gcd(*(v for _, v in quantities)))
+            raise ValueError(
+                f"tensor parallel size {tp} (parallel.tensor_parallel, --tp) does not divide {quantity}={value} "
+                f"(query groups are the KV heads); choose one of {valid}"
+            )
+    if arch.num_layers % pp:
         raise ValueError(
-            f"pipeline parallel size {pipeline_parallel} does not divide num_layers={arch.num_layers}"
+            f"pipeline parallel size {pp} (parallel.pipeline_parallel, --pp) does not divide "
+            f"num_layers={arch.num_layers}; Megatron can split layers unevenly but this recipe does not: "
+            f"choose one of {divisors(arch.num_layers)}"
         )
+
+
+def divisors(value: int) -> list[int]:
+    return [n for n in range(1, value + 1) if value % n == 0]
 
 
 def layer_spec(use_transformer_engine: bool | None = None):
