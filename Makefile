@@ -12,7 +12,9 @@ install:
 demo: install
 	$(PYTHON) examples/tiny_cpu_demo.py --out runs/demo
 
+# The Slurm tests start their own single-node cluster from Debian's packages (root installs them).
 test: install
+	bash tools/install_slurm.sh
 	$(PYTHON) -m pytest tests -q
 
 bench: install

@@ -109,16 +109,13 @@ def main() -> None:
 
     from sdpg_megatron.metrics import read_metrics
     from sdpg_megatron.plotting import plot_runs, summarize_runs
-    from sdpg_megatron.tiny import TinySettings, make_tiny_policy
+    from sdpg_megatron.tiny import demo_settings, make_tiny_policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     started = time.perf_counter()
     torch.set_num_threads(2)
-    tiny = make_tiny_policy(out / "tiny", TinySettings(
-        max_operand=20, train_problems=64, eval_problems=100, batch_size=16, lr=2e-3,
-        max_sft_steps=args.sft_steps, eval_every=50, target_accuracy=0.35,
-    ))
+    tiny = make_tiny_policy(out / "tiny", demo_settings(args.sft_steps))
     print(f"warm start: {tiny.sft_steps} steps, greedy accuracy {tiny.student_accuracy:.2f} "
           f"(held-out {tiny.heldout_accuracy:.2f}, teacher view {tiny.teacher_accuracy:.2f}), {tiny.seconds:.0f} s")
 

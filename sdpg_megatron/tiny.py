@@ -45,6 +45,13 @@ class TinySettings:
     target_accuracy: float = 0.35  # stop once greedy accuracy on training problems reaches it
 
 
+def demo_settings(max_sft_steps: int = 400) -> TinySettings:
+    """The embedded demo's task (examples/tiny_cpu_demo.py, examples/sdpg_tiny_cpu.sh):
+    64 "a + b" problems with a, b ≤ 20, warm-started to greedy accuracy 0.35."""
+    return TinySettings(max_operand=20, train_problems=64, eval_problems=100, batch_size=16, lr=2e-3,
+                        max_sft_steps=max_sft_steps, eval_every=50, target_accuracy=0.35)
+
+
 @dataclass
 class TinyResult:
     model_dir: str
@@ -153,3 +160,22 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool,
             text = tokenizer.decode(row, skip_special_tokens=True)
             correct += extract_boxed(text) == problem.answer
     return correct / max(1, len(problems))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sdpg_megatron.tiny --out DIR`: the demo's warm-started tiny model and data."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sdpg_megatron.tiny", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="directory for model/, train.parquet, eval.parquet (reused)")
+    parser.add_argument("--sft-steps", type=int, default=400, help="upper bound on warm-start steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(2)
+    tiny = make_tiny_policy(args.out, demo_settings(args.sft_steps))
+    print(f"{tiny.model_dir}: {tiny.sft_steps} warm-start steps, greedy accuracy {tiny.student_accuracy:.2f} "
+          f"(held-out {tiny.heldout_accuracy:.2f}, teacher view {tiny.teacher_accuracy:.2f}), {tiny.seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,3 +5,16 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message="Apex is not installed.*")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """One single-node Slurm (munge, slurmctld, slurmd on loopback) for the whole session;
+    stopped by pid at the end (tests/slurm_cluster.py)."""
+    from tests.slurm_cluster import temporary_slurm_cluster
+
+    with temporary_slurm_cluster() as cluster:
+        yield cluster

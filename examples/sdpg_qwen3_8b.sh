@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# SDPG-URKL on Qwen3-8B, scaled out: Megatron TP4 × DP2 on one node, vLLM on a second.
+#
+#   bash examples/sdpg_qwen3_8b.sh --dry-run   # check config, layout and memory here
+#   bash examples/sdpg_qwen3_8b.sh             # submit (sbatch) — run it again to resume
+#
+# Two nodes of 8 × 80 GB GPUs: node 0 trains (TP4 × DP2; TP stays inside the node's
+# NVLink domain), node 1 holds eight vLLM engines (TP1 each; 16 GB of bf16 weights leave
+# ~50 GB of KV cache per GPU). METHOD.md's defaults: 128 prompts × 8, 8 mini-batches,
+# prompts ≤ 2048, responses ≤ 4096 tokens; micro-batches of 2 sequences.
+#
+# Memory per training GPU, from `--dry-run` (GiB; bf16 weights, fp32 grad buffer, Adam's
+# fp32 main params + m + v split over DP by the distributed optimizer, a frozen bf16 π_ref,
+# activations of one micro-batch without recomputation, the teacher's hidden states of one
+# mini-batch slice, the fused loss's chunk buffers, 3 GiB CUDA/NCCL):
+#   trainer    8 GPUs (one node of 8): TP 4 × PP 1 × DP 2
+#   memory     per GPU, GiB     stage 0
+#     weights                     3.82
+#     gradients                   7.63
+#     optimizer_state            11.45
+#     reference_weights           3.82
+#     activations                30.38
+#     teacher_states              2.00
+#     loss_buffers                1.56
+#     overhead                    3.00
+#     total                      63.64   of 72.0 (90% of 80): fits
+#   rollout    8 engine(s) × TP 1 = 8 GPUs (of 8), bfloat16: 15.26 GiB weights and 50.74 GiB KV cache per GPU = 60 sequences of 6,144 tokens per engine
+#
+# Paths come from the environment (defaults below); the Megatron checkpoint is converted
+# from the HF one on first start, and every start resumes from $OUT_DIR/checkpoints.
+#SBATCH --job-name=sdpg-qwen3-8b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+
+SDPG_ROOT=${SDPG_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+SCRIPT=$SDPG_ROOT/examples/sdpg_qwen3_8b.sh
+ARCH=qwen3-8b
+
+# --- where things are
+HF_DIR=${HF_DIR:-$HOME/models/Qwen3-8B}                       # Hugging Face checkpoint (config, tokenizer, weights)
+MCORE_DIR=${MCORE_DIR:-$HOME/models/Qwen3-8B-mcore-tp4}       # converted here on first start
+TRAIN_DATA=${TRAIN_DATA:-$HOME/data/dapo-math-17k.parquet}    # DAPO-Math-17k schema
+EVAL_DIR=${EVAL_DIR:-$SDPG_ROOT/data/eval}                    # AIME 2024/2025, AMC 2023
+OUT_DIR=${OUT_DIR:-$SDPG_ROOT/runs/sdpg-qwen3-8b}             # metrics, checkpoints, eval
+
+# --- how the job's GPUs are split
+TRAIN_NODES=1 TRAIN_GPUS_PER_NODE=8                           # Megatron: TP4 × DP2 on node 0
+ROLLOUT_NODES=1 ROLLOUT_GPUS_PER_NODE=8                       # vLLM: 8 engines × TP1 on node 1
+TP=4 PP=1
+SBATCH_ARGS=()
+
+# --- the trainer's flags, one group per concern (any config field: --set section.field=value)
+MODEL_ARGS=(--hf-dir "$HF_DIR" --set model.mcore_dir="$MCORE_DIR" --set model.params_dtype=bfloat16)
+PARALLEL_ARGS=(--tp "$TP" --pp "$PP")
+ALGO_ARGS=(--preset sdpg-urkl)                                # METHOD.md: α = β_base = 1e-3, warm-up 50, decay 350
+SCHEDULE_ARGS=(--steps 400 --seed 0
+  --set schedule.prompts_per_step=128 --set algorithm.group_size=8
+  --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=2)
+ROLLOUT_ARGS=(--set rollout.num_engines=8 --set rollout.engine_tensor_parallel=1 --set rollout.gpus_per_engine=1
+  --set rollout.dtype=bfloat16 --set rollout.kv_cache_bytes=none --set rollout.gpu_memory_utilization=0.85
+  --set rollout.max_response_tokens=4096 --set reward.overlong_buffer=512 --set reward.num_workers=16)
+DATA_ARGS=(--train-data "$TRAIN_DATA" --set data.max_prompt_tokens=2048)
+EVAL_ARGS=(--set "evaluation.benchmarks=aime24=$EVAL_DIR/aime-2024.parquet,aime25=$EVAL_DIR/aime25.parquet,amc23=$EVAL_DIR/amc-23.parquet"
+  --set evaluation.interval=50 --set evaluation.k=32)
+CHECKPOINT_ARGS=(--out-dir "$OUT_DIR" --set checkpoint.interval=25 --set checkpoint.keep_last=2)
+
+source "$SDPG_ROOT/examples/slurm/sdpg_job.sh"

@@ -1,0 +1,188 @@
+# shellcheck shell=bash
+# The body every examples/sdpg_*.sh script sources after setting its variables and flag
+# arrays. It is not run on its own. Three modes, chosen by how the script was started:
+#
+#   bash examples/sdpg_qwen3_4b_tp2.sh --dry-run   validate config + layout here, no GPUs, no Slurm
+#   bash examples/sdpg_qwen3_4b_tp2.sh             submit itself with sbatch (the #SBATCH header)
+#   (inside the allocation)                        convert if needed, start Ray, train
+#
+# What the sourcing script must define:
+#   SCRIPT            its own path (for self-submission)
+#   ARCH              Qwen3 preset the dry run uses when $HF_DIR has no config.json yet
+#   HF_DIR MCORE_DIR TRAIN_DATA OUT_DIR        paths (override them from the environment)
+#   TRAIN_NODES TRAIN_GPUS_PER_NODE            the Megatron trainer's share of the job
+#   ROLLOUT_NODES ROLLOUT_GPUS_PER_NODE        the vLLM fleet's share; ROLLOUT_NODES=0
+#                                              shares the trainer's first node (GPUs after
+#                                              the trainer's, or CPUs on a CPU-only job)
+#   ROLLOUT_CPUS      CPUs Ray may hand to engines (CPU-only jobs; GPU jobs: 1 per engine)
+#   TP PP             the trainer's tensor / pipeline parallel sizes
+#   the flag arrays MODEL_ARGS PARALLEL_ARGS ALGO_ARGS SCHEDULE_ARGS ROLLOUT_ARGS
+#                   DATA_ARGS EVAL_ARGS CHECKPOINT_ARGS (any `--set section.field=value`)
+#
+# Resubmitting the same script resumes from the newest complete checkpoint in
+# $OUT_DIR/checkpoints (the trainer finds it); a job preempted or near its time limit is
+# requeued (#SBATCH --requeue, SIGUSR1 before the limit) and resumes the same way, losing
+# at most the steps since the last checkpoint.
+
+set -euo pipefail
+
+TRAIN_ARGS=(
+  "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${ALGO_ARGS[@]}" "${SCHEDULE_ARGS[@]}"
+  "${ROLLOUT_ARGS[@]}" "${DATA_ARGS[@]}" "${EVAL_ARGS[@]}" "${CHECKPOINT_ARGS[@]}"
+)
+TRAIN_WORLD_SIZE=$((TRAIN_NODES * TRAIN_GPUS_PER_NODE))
+# The environment tools/install.sh made (or any python with the package installed).
+if [[ -n ${SDPG_VENV:-} ]]; then source "$SDPG_VENV/bin/activate"; fi
+PYTHON=${PYTHON:-python}
+
+# ---------------------------------------------------------------- 1. dry run / submit
+# The resolved config, the parallel layout and the per-GPU memory arithmetic, checked
+# here without GPUs; exits non-zero naming the field to fix when sizes do not divide or
+# the model does not fit.
+DRY_RUN=("$PYTHON" -m sdpg_megatron.train --dry-run --world-size "$TRAIN_WORLD_SIZE" --gpus-per-node "$TRAIN_GPUS_PER_NODE")
+if ((ROLLOUT_GPUS_PER_NODE > 0)); then
+  DRY_RUN+=(--rollout-gpus "$((ROLLOUT_GPUS_PER_NODE * (ROLLOUT_NODES > 0 ? ROLLOUT_NODES : 1)))")
+fi
+[[ -n $ARCH ]] && DRY_RUN+=(--arch "$ARCH")
+prepare_model() {  # scripts that make their own model (the tiny one) do it where it is first needed
+  if [[ -n ${PREPARE+x} && ! -f $HF_DIR/config.json ]]; then
+    echo "sdpg_job: $HF_DIR does not exist yet: ${PREPARE[*]}"
+    "$@" "${PREPARE[@]}"
+  fi
+}
+if [[ ${1:-} == --dry-run ]]; then
+  prepare_model
+  PYTHONWARNINGS=ignore exec "${DRY_RUN[@]}" "${TRAIN_ARGS[@]}"
+fi
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  # Outside an allocation: check first (no point queueing a job that cannot start), then
+  # submit this same script; the #SBATCH lines at its top give the resources.
+  prepare_model
+  PYTHONWARNINGS=ignore "${DRY_RUN[@]}" --quiet "${TRAIN_ARGS[@]}"
+  exec sbatch --export=ALL,SDPG_ROOT="$SDPG_ROOT" "${SBATCH_ARGS[@]}" "$SCRIPT" "$@"
+fi
+
+# ---------------------------------------------------------------- 2. inside the job
+cd "$SDPG_ROOT"
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+TRAIN_HOSTS=("${NODES[@]:0:TRAIN_NODES}")
+if ((ROLLOUT_NODES > 0)); then
+  ROLLOUT_HOSTS=("${NODES[@]:TRAIN_NODES:ROLLOUT_NODES}")
+else
+  ROLLOUT_HOSTS=("${TRAIN_HOSTS[0]}")
+fi
+if ((${#NODES[@]} < TRAIN_NODES + ROLLOUT_NODES)); then
+  echo "sdpg_job: the allocation has ${#NODES[@]} node(s), the script needs TRAIN_NODES=$TRAIN_NODES + ROLLOUT_NODES=$ROLLOUT_NODES" >&2
+  exit 2
+fi
+# One job on one node talks over loopback (Ray's own switch for that keeps its processes
+# there too); across nodes, over each node's address.
+if ((${#NODES[@]} == 1)); then
+  HEAD_IP=${HEAD_IP:-127.0.0.1}
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+else
+  HEAD_IP=${HEAD_IP:-$(srun --overlap --nodes=1 --ntasks=1 -w "${ROLLOUT_HOSTS[0]}" hostname --ip-address | awk '{print $1}')}
+fi
+RAY_PORT=${RAY_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+MASTER_PORT=${MASTER_PORT:-$((30000 + SLURM_JOB_ID % 10000))}
+RAY_TMP=/tmp/sdpg-ray-$SLURM_JOB_ID  # Ray's socket paths must stay short
+# Ray's token authentication with a fresh token per job; every step inherits it, the
+# driver included, and it never touches the disk.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')}
+export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$OUT_DIR/.vllm-cache} TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT_DIR"
+echo "sdpg_job: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) trainer ${TRAIN_HOSTS[*]} × $TRAIN_GPUS_PER_NODE," \
+     "rollout ${ROLLOUT_HOSTS[*]}, Ray head $HEAD_IP:$RAY_PORT"
+
+# Background steps (Ray) are stopped when the job ends, however it ends.
+BACKGROUND=()
+cleanup() {
+  for pid in "${BACKGROUND[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait "${BACKGROUND[@]}" 2>/dev/null || true
+  rm -rf "$RAY_TMP"
+}
+trap cleanup EXIT
+# Near the time limit (--signal=B:USR1@...) put the job back in the queue; the trainer
+# gets SIGTERM from Slurm and the requeued job resumes from the last checkpoint.
+trap 'echo "sdpg_job: time limit near, requeueing $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+
+# ---------------------------------------------------------------- 3. model: make (tiny), convert once
+prepare_model srun --overlap --nodes=1 --ntasks=1 -w "${TRAIN_HOSTS[0]}"
+if [[ ! -f $HF_DIR/config.json ]]; then
+  echo "sdpg_job: HF_DIR=$HF_DIR has no config.json; point HF_DIR at a Hugging Face Qwen3 checkpoint" >&2
+  exit 2
+fi
+# tools/hf_to_mcore.py writes atomically: a preempted conversion leaves nothing at
+# $MCORE_DIR and simply runs again on the next start.
+if [[ ! -f $MCORE_DIR/metadata.json ]]; then
+  echo "sdpg_job: converting $HF_DIR → $MCORE_DIR (TP $TP, PP $PP)"
+  srun --overlap --nodes=1 --ntasks=1 -w "${TRAIN_HOSTS[0]}" \
+    "$PYTHON" tools/hf_to_mcore.py --hf-dir "$HF_DIR" --out "$MCORE_DIR" --tp "$TP" --pp "$PP"
+fi
+
+# ---------------------------------------------------------------- 4. the Ray cluster
+# Head on the first rollout node, a worker on every other rollout node, each offering its
+# rollout GPUs (or CPUs). The trainer's first node joins with no resources when it is
+# not a rollout node: Ray's driver (trainer rank 0) needs a local raylet.
+ray_node() {  # host, then `ray start` options
+  local host=$1; shift
+  srun --overlap --nodes=1 --ntasks=1 -w "$host" --kill-on-bad-exit=0 \
+    bash -c "$ROLLOUT_GPU_SELECT exec $PYTHON -m ray.scripts.scripts start --block --disable-usage-stats $*" &
+  BACKGROUND+=($!)
+}
+if ((ROLLOUT_NODES == 0 && ROLLOUT_GPUS_PER_NODE > 0)); then
+  # shared node: the rollout GPUs are the ones after the trainer's
+  ROLLOUT_GPU_SELECT="CUDA_VISIBLE_DEVICES=$(seq -s, "$TRAIN_GPUS_PER_NODE" $((TRAIN_GPUS_PER_NODE + ROLLOUT_GPUS_PER_NODE - 1)))"
+else
+  ROLLOUT_GPU_SELECT=""
+fi
+RAY_RESOURCES="--num-gpus=$ROLLOUT_GPUS_PER_NODE --num-cpus=${ROLLOUT_CPUS:-$((ROLLOUT_GPUS_PER_NODE > 0 ? ROLLOUT_GPUS_PER_NODE : 1))}"
+ray_node "${ROLLOUT_HOSTS[0]}" --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --temp-dir="$RAY_TMP" \
+  --include-dashboard=false $RAY_RESOURCES
+RAY_NODES=1
+for host in "${ROLLOUT_HOSTS[@]:1}"; do
+  ray_node "$host" --address="$HEAD_IP:$RAY_PORT" $RAY_RESOURCES
+  RAY_NODES=$((RAY_NODES + 1))
+done
+if [[ ! " ${ROLLOUT_HOSTS[*]} " =~ " ${TRAIN_HOSTS[0]} " ]]; then
+  ROLLOUT_GPU_SELECT="" ray_node "${TRAIN_HOSTS[0]}" --address="$HEAD_IP:$RAY_PORT" --num-gpus=0 --num-cpus=0
+  RAY_NODES=$((RAY_NODES + 1))
+fi
+COUNT_NODES="import ray; ray.init(address='$HEAD_IP:$RAY_PORT', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+deadline=$((SECONDS + 180))
+until joined=$(timeout 30 "$PYTHON" -c "$COUNT_NODES" 2>/dev/null | tail -1) && ((${joined:-0} >= RAY_NODES)); do
+  if ((SECONDS > deadline)); then
+    echo "sdpg_job: after 180 s only ${joined:-0} of $RAY_NODES Ray nodes have joined $HEAD_IP:$RAY_PORT" >&2
+    exit 1
+  fi
+  sleep 2
+done
+echo "sdpg_job: Ray cluster up ($RAY_NODES node(s)) after $SECONDS s"
+
+# ---------------------------------------------------------------- 5. train
+# One torchrun per trainer node; global rank 0 (first node) is the driver that owns the
+# fleet. Slurm's SIGTERM (cancel, preemption) makes every rank unwind and the driver stop
+# its engines; the next start resumes from $OUT_DIR/checkpoints.
+if ((ROLLOUT_NODES == 0 && TRAIN_GPUS_PER_NODE > 0 && ROLLOUT_GPUS_PER_NODE > 0)); then
+  TRAIN_GPU_SELECT="CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((TRAIN_GPUS_PER_NODE - 1)))"
+else
+  TRAIN_GPU_SELECT=""
+fi
+TORCHRUN=(
+  "$PYTHON" -m torch.distributed.run --nnodes "$TRAIN_NODES" --nproc-per-node "$TRAIN_GPUS_PER_NODE"
+  --master-addr "$(if ((${#NODES[@]} == 1)); then echo 127.0.0.1; else echo "${TRAIN_HOSTS[0]}"; fi)"
+  --master-port "$MASTER_PORT"
+)
+printf -v TRAIN_COMMAND '%q ' "${TORCHRUN[@]}"
+printf -v TRAIN_FLAGS '%q ' "${TRAIN_ARGS[@]}" --set "rollout.ray_address=$HEAD_IP:$RAY_PORT"
+srun --overlap --nodes="$TRAIN_NODES" --ntasks-per-node=1 -w "$(IFS=,; echo "${TRAIN_HOSTS[*]}")" --kill-on-bad-exit=1 \
+  bash -c "$TRAIN_GPU_SELECT exec $TRAIN_COMMAND --node-rank \$SLURM_PROCID -m sdpg_megatron.train $TRAIN_FLAGS" &
+TRAINER=$!
+# `wait` returns early when a trapped signal (USR1) arrives; keep waiting for the trainer.
+status=0
+while true; do
+  wait "$TRAINER" && status=0 || status=$?
+  kill -0 "$TRAINER" 2>/dev/null || break
+done
+echo "sdpg_job: trainer exited with status $status"
+exit "$status"
