@@ -202,15 +202,15 @@ class Layout:
         elif self.gpus_per_node:
             nodes = f" ({self.world_size // self.gpus_per_node} nodes × {self.gpus_per_node})"
         lines = [
-            f"model      Qwen3 {a.num_parameters() / 1e9:.2f}B: {a.num_layers} layers, hidden {a.hidden_size}, "
+            f"model      Qwen3 {_count(a.num_parameters())}: {a.num_layers} layers, hidden {a.hidden_size}, "
             f"{a.num_attention_heads} heads / {a.num_query_groups} KV heads, FFN {a.ffn_hidden_size}, "
             f"{'tied' if a.tied_embeddings else 'untied'} embeddings, {self.params_dtype} params",
             f"trainer    {self.world_size} GPUs{nodes}: TP {self.tp} × PP {self.pp} × DP {self.dp}",
             f"  stages     {self.layers_per_stage} layers per stage; per TP rank {self.heads_per_rank} heads, "
             f"{self.query_groups_per_rank} KV heads",
             f"  vocabulary {a.vocab_size:,} padded to {self.padded_vocab:,}; {self.vocab_shard:,} rows per TP rank",
-            f"  parameters {self.params_per_rank / 1e9:.3f}B per GPU (largest stage)"
-            + (f"; per stage {', '.join(f'{p / 1e9:.3f}B' for p in self.params_per_stage)}" if self.pp > 1 else ""),
+            f"  parameters {_count(self.params_per_rank)} per GPU (largest stage)"
+            + (f"; per stage {', '.join(_count(p) for p in self.params_per_stage)}" if self.pp > 1 else ""),
             f"  sequence   {self.sequence_length:,} tokens = {self.max_prompt_tokens:,} prompt + "
             f"{self.max_response_tokens:,} response (student and teacher views alike: the teacher "
             "prompt, privileged context included, is held to data.max_prompt_tokens too)",
@@ -544,3 +544,7 @@ def _raise_unless_fits(layout: Layout, config: Config) -> None:
     if not layout.rollout_fits:
         problem = _rollout_problem(layout.rollout)
         raise ValueError(f"the rollout fleet does not fit: config field {problem}")
+
+
+def _count(num_parameters: int) -> str:
+    return f"{num_parameters / 1e9:.3f}B" if num_parameters >= 1e8 else f"{num_parameters / 1e6:.2f}M"

@@ -324,7 +324,7 @@ def test_describe_shows_the_launch():
     layout = plan_layout(make_config(*overrides), qwen3_preset("qwen3-32b"), world_size=world_size, gpus_per_node=8,
                          rollout_gpus=rollout_gpus)
     text = layout.describe()
-    for expected in ("Qwen3 32.76B", "32 GPUs (4 nodes × 8): TP 8 × PP 2 × DP 2", "32 layers per stage",
+    for expected in ("Qwen3 32.762B", "32 GPUs (4 nodes × 8): TP 8 × PP 2 × DP 2", "32 layers per stage",
                      "8 heads, 1 KV heads", "151,936 padded to 152,576; 19,072 rows per TP rank",
                      "6,144 tokens = 2,048 prompt + 4,096 response", "128 prompts × G 8", "8 mini-batches of 128",
                      "64 samples per mini-batch = 64 micro-batches of 1", "stage 0   stage 1", "activations",
