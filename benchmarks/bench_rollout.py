@@ -7,9 +7,12 @@ engine is started in a Ray fleet, and in the same run:
   object store, stage in the engine worker, validate, commit through vLLM's
   `reload_weights`), as a ratio to a plain in-process copy of the same bytes;
 - throughput: generated tokens/s through `fleet.generate` against one bare `vllm.LLM` with
-  the same settings in its own process (the same prompts, n, lengths and seeds); both stay
-  alive and their batches alternate (5 each, medians), so drift hits both alike; and the latency of a 1-token request both ways, which isolates the
-  fleet's fixed per-call cost (Ray round trip, result conversion) from run-to-run noise.
+  the same settings and exactly the fleet's requests (one seeded
+  single-sample request per response) in its own process; both stay alive, and after a
+  warm-up pair 9 batch pairs run back to back, alternating which side goes first; the
+  overhead is 1 − the median of the pairs' ratios. Plus the latency of a 1-token request
+  both ways, which isolates the fleet's fixed per-call cost (Ray round trip, result
+  conversion).
 
     .venv/bin/python benchmarks/bench_rollout.py            # 3 sizes, ~10 minutes
     .venv/bin/python benchmarks/bench_rollout.py --quick    # smallest size only (CI)
@@ -37,6 +40,7 @@ SIZES = {  # name: (hidden, ffn, layers, heads, kv heads, vocab)
     "100M": (768, 2304, 10, 12, 4, 32000),
 }
 NUM_PROMPTS, N, MAX_TOKENS, PROMPT_LEN = 32, 4, 64, 16
+NUM_PAIRS = 9  # timed fleet/bare batch pairs per size, after one untimed warm-up pair each
 
 BARE = r"""
 import sys, time
@@ -55,10 +59,16 @@ if __name__ == "__main__":
                 llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tokens=1), use_tqdm=False)
             print("LATENCY", (time.perf_counter() - start) / 10, flush=True)
         elif command.strip() == "batch":
-            params = [SamplingParams(n={n}, seed=1_000_003 * 7 + i, max_tokens={max_tokens}, ignore_eos=True,
-                                     logprobs=0, top_k=-1, detokenize=False) for i in range(len(prompts))]
+            # exactly the fleet's requests: sample k of prompt p is its own request seeded
+            # 7 * 1_000_003 + p * n + k (one seeded n-sample request would repeat one sample)
+            requests, params = [], []
+            for p, prompt in enumerate(prompts):
+                for k in range({n}):
+                    requests.append({{"prompt_token_ids": prompt}})
+                    params.append(SamplingParams(n=1, seed=7 * 1_000_003 + p * {n} + k, max_tokens={max_tokens},
+                                                 ignore_eos=True, logprobs=0, top_k=-1, detokenize=False))
             start = time.perf_counter()
-            out = llm.generate([{{"prompt_token_ids": p}} for p in prompts], params, use_tqdm=False)
+            out = llm.generate(requests, params, use_tqdm=False)
             tokens = sum(len(s.token_ids) for o in out for s in o.outputs)
             print("RATE", tokens / (time.perf_counter() - start), flush=True)
         else:
@@ -166,12 +176,20 @@ def main() -> None:
             fleet.generate([[1, 2, 3]], n=1, sampling=one_token)
         fleet_latency = (time.perf_counter() - start) / 10
         bare_latency = bare.ask("latency", "LATENCY")
-        fleet_rates, bare_rates = [], []
-        for _ in range(5):
+        def fleet_rate() -> float:
             start = time.perf_counter()
             rollouts = fleet.generate(prompts, n=N, sampling=sampling, seed=7)
-            fleet_rates.append(sum(len(r.token_ids) for g in rollouts for r in g) / (time.perf_counter() - start))
-            bare_rates.append(bare.ask("batch", "RATE"))
+            return sum(len(r.token_ids) for g in rollouts for r in g) / (time.perf_counter() - start)
+
+        fleet_rate(), bare.ask("batch", "RATE")  # warm-up, untimed
+        fleet_rates, bare_rates = [], []
+        for pair in range(3 if args.quick else NUM_PAIRS):  # adjacent pairs, alternating which side goes first
+            if pair % 2:
+                bare_rates.append(bare.ask("batch", "RATE"))
+                fleet_rates.append(fleet_rate())
+            else:
+                fleet_rates.append(fleet_rate())
+                bare_rates.append(bare.ask("batch", "RATE"))
         bare.close()
         fleet.shutdown()
         time.sleep(2)
@@ -182,7 +200,9 @@ def main() -> None:
             "fleet_rates": fleet_rates, "bare_rates": bare_rates,
             "fleet_call_latency_s": fleet_latency, "bare_call_latency_s": bare_latency,
         }
-        row["fleet_overhead"] = 1 - row["fleet_tokens_per_s"] / row["bare_tokens_per_s"]
+        # the median of the paired ratios: each pair ran back to back, so slow drift on the
+        # shared cores cancels within a pair
+        row["fleet_overhead"] = 1 - statistics.median(f / b for f, b in zip(fleet_rates, bare_rates))
         rows.append(row)
         print(f"{size}: {num_params / 1e6:.1f}M params, push {push_s:.3f} s vs copy {copy_s:.4f} s "
               f"({row['push_over_copy']:.0f}x); fleet {row['fleet_tokens_per_s']:.0f} tok/s vs bare "
