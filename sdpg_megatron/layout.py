@@ -58,9 +58,9 @@ from dataclasses import dataclass
 
 from sdpg_megatron.config import Config, validate
 from sdpg_megatron.experience import padded_length
-from sdpg_megatron.model.provider import check_layout, divisors
+from sdpg_megatron.model.provider import check_layout, divisors, resolve_padded_vocab
 from sdpg_megatron.model.qwen3 import Qwen3Arch
-from sdpg_megatron.parallel.vocab_parallel import _CHUNK_BYTES, padded_vocab_size
+from sdpg_megatron.parallel.vocab_parallel import _CHUNK_BYTES
 
 GIB = 2**30
 FIT_FRACTION = 0.9  # a layout fits when its largest stage needs at most this share of the GPU
@@ -274,7 +274,7 @@ def plan_layout(
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     _check_world(world_size, tp, pp, gpus_per_node)
     check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp)  # Megatron's own requirements
-    padded = _check_vocab(arch, tp, padded_vocab)
+    padded = resolve_padded_vocab(arch, tp, padded_vocab)
     dp = world_size // (tp * pp)
     _check_batch(config, dp, pp)
     _check_rollout_split(config, arch, gpus_per_node, rollout_gpus)
@@ -369,17 +369,6 @@ def _check_world(world_size: int, tp: int, pp: int, gpus_per_node: int | None) -
             f"--world-size {world_size} over nodes of --gpus-per-node {gpus_per_node}: use whole nodes, and a "
             f"parallel.tensor_parallel that divides {gpus_per_node} (got {tp}) so no TP group spans two nodes"
         )
-
-
-def _check_vocab(arch: Qwen3Arch, tp: int, padded_vocab: int | None) -> int:
-    if padded_vocab is None:
-        padded_vocab = padded_vocab_size(arch.vocab_size, tp)
-    if padded_vocab < arch.vocab_size or padded_vocab % tp:
-        raise ValueError(
-            f"config field parallel.tensor_parallel: the checkpoint's padded vocabulary {padded_vocab} must be "
-            f">= vocab_size={arch.vocab_size} and divisible by TP {tp}; convert the checkpoint again with --tp {tp}"
-        )
-    return padded_vocab
 
 
 def _check_batch(config: Config, dp: int, pp: int) -> None:

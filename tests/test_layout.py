@@ -64,8 +64,8 @@ def test_pp_must_divide_layers_evenly():
 def test_checkpoint_padded_vocab_must_suit_tp():
     arch = qwen3_preset("qwen3-4b")
     config = make_config("parallel.tensor_parallel=2")
-    with pytest.raises(ValueError, match=r"parallel\.tensor_parallel: the checkpoint's padded vocabulary 151937 "
-                                         r"must be >= vocab_size=151936 and divisible by TP 2; convert the checkpoint again"):
+    with pytest.raises(ValueError, match=r"the checkpoint's padded vocabulary 151937 must be >= vocab_size=151936 and "
+                                         r"divisible by the tensor parallel size 2 \(parallel\.tensor_parallel\); convert"):
         plan_layout(config, arch, world_size=2, padded_vocab=151_937, allow_overflow=True)
     with pytest.raises(ValueError, match=r"padded vocabulary 151808 must be >= vocab_size=151936"):
         plan_layout(config, arch, world_size=2, padded_vocab=151_808, allow_overflow=True)

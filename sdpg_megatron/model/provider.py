@@ -90,6 +90,20 @@ def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: in
         )
 
 
+def resolve_padded_vocab(arch: Qwen3Arch, tp: int, padded_vocab: int | None = None) -> int:
+    """The model's padded vocabulary at TP `tp`: a checkpoint's recorded padding when given
+    (checked), else Megatron's padding for this TP size."""
+    if padded_vocab is None:
+        return padded_vocab_size(arch.vocab_size, tp)
+    if padded_vocab < arch.vocab_size or padded_vocab % tp:
+        raise ValueError(
+            f"the checkpoint's padded vocabulary {padded_vocab} must be >= vocab_size={arch.vocab_size} and "
+            f"divisible by the tensor parallel size {tp} (parallel.tensor_parallel); convert the checkpoint "
+            f"again with --tp {tp}"
+        )
+    return padded_vocab
+
+
 def divisors(value: int) -> list[int]:
     return [n for n in range(1, value + 1) if value % n == 0]
 
@@ -171,14 +185,7 @@ def model_provider(
 
     `padded_vocab` defaults to Megatron's padding for this TP size; a checkpoint records
     the padding it was written with, and a model loading it must use the same."""
-    tp_size = config.tensor_model_parallel_size
-    if padded_vocab is None:
-        padded_vocab = padded_vocab_size(arch.vocab_size, tp_size)
-    if padded_vocab < arch.vocab_size or padded_vocab % tp_size:
-        raise ValueError(
-            f"padded vocabulary {padded_vocab} must be >= vocab_size={arch.vocab_size} and divisible by "
-            f"tensor parallel size {tp_size}; convert the checkpoint again with --tp {tp_size}"
-        )
+    padded_vocab = resolve_padded_vocab(arch, config.tensor_model_parallel_size, padded_vocab)
     return PolicyGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_transformer_engine),
