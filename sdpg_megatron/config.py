@@ -96,6 +96,9 @@ class ModelConfig:
     mcore_dir: str | None = None
     tokenizer_dir: str | None = None  # None: hf_dir
     params_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The fused loss's per-rank body: "auto" = Triton kernels for bf16 on a GPU, the
+    # chunked torch loop otherwise; "torch" forces the loop (see parallel/vocab_parallel.py).
+    loss_backend: Literal["auto", "torch", "triton"] = "auto"
 
 
 @dataclass(kw_only=True)
@@ -410,6 +413,7 @@ def _validate_optimizer(c: OptimizerConfig) -> None:
 def _validate_model(c: ModelConfig) -> None:
     _require(bool(c.hf_dir), "model.hf_dir", "set it to a Hugging Face Qwen3 directory (config.json + safetensors)")
     _require(c.params_dtype in ("float32", "bfloat16"), "model.params_dtype", "must be 'float32' or 'bfloat16'")
+    _require(c.loss_backend in ("auto", "torch", "triton"), "model.loss_backend", "must be 'auto', 'torch' or 'triton'")
 
 
 def _validate_parallel(c: ParallelConfig) -> None:

@@ -36,14 +36,19 @@ LOSS_METRICS = (
 
 
 class ModelPasses:
-    def __init__(self, config: Config, groups: ParallelGroups, source):
-        """source: the `HFCheckpoint` the policy (and π_ref) start from."""
+    def __init__(self, config: Config, groups: ParallelGroups, source, *, arch=None):
+        """source: the `HFCheckpoint` the policy (and π_ref) start from; None starts both
+        from Megatron's random initialisation of `arch` (benchmarks)."""
         self.config, self.groups = config, groups
-        self.arch = source.arch
+        self.arch = source.arch if source is not None else arch
+        if self.arch is None:
+            raise ValueError("ModelPasses needs a source checkpoint or, for a random initialisation, arch=")
         dtype = getattr(torch, config.model.params_dtype)
         padded = padded_vocab_size(self.arch.vocab_size, groups.tp_size)
 
         def load(module):
+            if source is None:
+                return
             if config.model.mcore_dir:
                 load_mcore_weights(module, config.model.mcore_dir)
             else:
@@ -63,6 +68,7 @@ class ModelPasses:
         return vocab_parallel_token_stats(
             hidden, weight, mb.targets, teacher, group=self.groups.loss_tp_group,
             vocab_size=self.arch.vocab_size, temperature=self.config.rollout.temperature,
+            backend=self.config.model.loss_backend,
         )
 
     def _forward_only(self, model, batch: StepBatch, mbs: list[MicroBatch], view: str,

@@ -324,3 +324,10 @@ def test_presets_by_name_and_validation():
         cfg.validate(cfg.AlgorithmConfig(clip_low=1.5))
     with pytest.raises(ValueError, match="algorithm.use_outcome"):
         cfg.validate(cfg.AlgorithmConfig(use_outcome=False, beta_base=0.0, alpha=0.0))
+
+
+def test_loss_backend_setting():
+    config = cfg.apply_overrides(cfg.Config(), ["model.loss_backend=torch"])
+    assert config.model.loss_backend == "torch"
+    with pytest.raises(ValueError, match="model.loss_backend"):
+        cfg.validate(cfg.ModelConfig(hf_dir="x", loss_backend="cuda"))

@@ -62,7 +62,7 @@ def make_inputs(case: Case):
     return student, teacher if case.teacher else None, weight, targets, mask, upstream
 
 
-def _distributed_stats(rank: int, world_size: int) -> dict:
+def _distributed_stats(rank: int, world_size: int, backend: str = "torch") -> dict:
     group = dist.new_group(list(range(world_size))) if world_size > 1 else None
     results = {}
     for case in CASES:
@@ -80,7 +80,7 @@ def _distributed_stats(rank: int, world_size: int) -> dict:
         try:
             stats = vocab_parallel_token_stats(
                 student, shard, targets, teacher, group=group, vocab_size=case.vocab,
-                temperature=case.temperature, chunk_size=case.chunk_size, mask=mask,
+                temperature=case.temperature, chunk_size=case.chunk_size, mask=mask, backend=backend,
             )
             forward_calls = list(calls)
             outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
@@ -124,7 +124,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_naive_fp64_reference(distributed_results, case):
-    tp, per_rank = distributed_results
+    assert_matches_reference(*distributed_results, case)
+
+
+def assert_matches_reference(tp: int, per_rank: list[dict], case: Case) -> None:
+    """Values and both gradients of every rank against the fp64 oracle (shared with the
+    Triton backend's tests)."""
     expected_outputs, expected_grad_hidden, expected_grad_weight = _reference(case)
     for rank, results in enumerate(per_rank):
         got = results[case.name]

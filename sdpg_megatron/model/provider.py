@@ -62,7 +62,9 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        # Megatron's fused softmax needs its compiled kernels (apex / megatron fused kernels);
+        # without them it would fail at the first attention, so use the unfused softmax.
+        masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         persist_layer_norm=False,
         recompute_granularity="selective" if recompute_activations else None,
     )

@@ -59,7 +59,7 @@ def build_policy(
         arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype
     )
     config.calculate_per_token_loss = True
-    module = model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+    module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))
     if load_weights is not None:
         load_weights(module)
     ddp_config = DistributedDataParallelConfig(
@@ -104,11 +104,19 @@ def build_frozen(
     config = transformer_config(
         arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype
     )
-    module = model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+    module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))
     if load_weights is not None:
         load_weights(module)
     module.eval()
     module.requires_grad_(False)
+    return module
+
+
+def _on_device(module: PolicyGPTModel) -> PolicyGPTModel:
+    """Megatron builds linear weights on the GPU but leaves modules such as torch's norms on
+    the CPU; like Megatron-LM's get_model, move the whole module to this rank's GPU."""
+    if torch.cuda.is_available():
+        module.cuda(torch.cuda.current_device())
     return module
 
 
@@ -145,7 +153,7 @@ def train_step(
 
 def _gradients_finite(model: DistributedDataParallel) -> bool:
     """Whether every rank's reduced gradient buffers are finite (one all-reduce)."""
-    bad = torch.zeros(1, dtype=torch.float32)
+    bad = torch.zeros(1, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
     for buffer in model.buffers + model.expert_parallel_buffers:
         if not torch.isfinite(buffer.grad_data).all():
             bad.fill_(1.0)

@@ -21,6 +21,7 @@ def naive_token_stats(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    matmul_in_input_dtype: bool = False,
 ) -> TokenStats:
     """Same outputs as `vocab_parallel_token_stats` at TP = 1, computed on full logits.
 
@@ -28,10 +29,19 @@ def naive_token_stats(
         student_hidden: [N, H]; full_weight: [V_padded, H]; target_ids: [N];
         teacher_hidden: [N, H] or None; mask: [N] or None.
         dtype: compute dtype (fp64 for the test oracle, fp32 for the benchmark baseline).
+        matmul_in_input_dtype: form the logits with a GEMM in the inputs' dtype (bf16 on a
+            GPU, as a plain PyTorch loss does) and only then cast them to `dtype`.
     """
     vocab_size = full_weight.shape[0] if vocab_size is None else vocab_size
-    weight = full_weight[:vocab_size].to(dtype)
-    student_logp = torch.log_softmax(student_hidden.to(dtype) @ weight.t() / temperature, dim=-1)
+    weight = full_weight[:vocab_size]
+    if not matmul_in_input_dtype:
+        weight = weight.to(dtype)
+
+    def logits(hidden):
+        hidden = hidden if matmul_in_input_dtype else hidden.to(dtype)
+        return (hidden @ weight.t()).to(dtype)
+
+    student_logp = torch.log_softmax(logits(student_hidden) / temperature, dim=-1)
     if mask is None:
         mask = torch.ones_like(target_ids, dtype=torch.bool)
     mask = mask.to(torch.bool)
@@ -42,7 +52,7 @@ def naive_token_stats(
     reverse_kl = None
     if teacher_hidden is not None:
         with torch.no_grad():
-            teacher_logits = teacher_hidden.detach().to(dtype) @ weight.detach().t()
+            teacher_logits = logits(teacher_hidden.detach())
             teacher_logp = torch.log_softmax(teacher_logits / temperature, dim=-1)
         reverse_kl = (student_probs * (student_logp - teacher_logp)).sum(dim=-1)
         reverse_kl = torch.where(mask, reverse_kl, torch.zeros_like(reverse_kl))

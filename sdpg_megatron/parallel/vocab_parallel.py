@@ -23,11 +23,18 @@ layer does for its replicated input) and ∂W = ∂zᵀ h / τ for this rank's s
 teacher receives no gradient at all, not even through the shared W.
 
 Peak extra memory is O(chunk × V/tp); saved state is O(N) besides the inputs.
+
+Two implementations of the per-rank chunk body share everything else (merge, collectives,
+autograd): this torch loop — the default and the oracle — and the Triton kernels in
+`triton_token_stats.py`, chosen automatically for bf16/fp16 on a GPU (`backend="auto"`;
+`SDPG_LOSS_BACKEND=torch` or `model.loss_backend=torch` turns them off).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -35,6 +42,7 @@ import torch.distributed as dist
 _NUM_STATS_WITH_TEACHER = 5  # S_s, S_t, A (KL), B (entropy), target logit
 _NUM_STATS_STUDENT_ONLY = 3  # S_s, B, target logit
 _CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 512 * 2**20}  # one [chunk, V/tp] fp32 buffer
+BACKENDS = ("auto", "torch", "triton")
 
 
 class TokenStats(NamedTuple):
@@ -55,6 +63,7 @@ def vocab_parallel_token_stats(
     chunk_size: int | None = None,
     mask: torch.Tensor | None = None,
     validate: bool = True,
+    backend: str = "auto",
 ) -> TokenStats:
     """Per-token log-prob, entropy and exact full-vocabulary reverse KL.
 
@@ -74,6 +83,10 @@ def vocab_parallel_token_stats(
         mask: [N] bool/0-1, False slots return 0 and receive no gradient (their target
             ids are ignored).
         validate: check target ids against the vocabulary (one host sync).
+        backend: "torch" (the chunked loop below), "triton" (the GPU kernels; on CPU only
+            under TRITON_INTERPRET=1), or "auto": Triton for bf16/fp16 CUDA tensors when
+            Triton imports, torch otherwise. The environment variable SDPG_LOSS_BACKEND,
+            when set, replaces "auto".
 
     Returns:
         TokenStats of [N] fp32 tensors; each is differentiable w.r.t. student_hidden and
@@ -97,15 +110,47 @@ def vocab_parallel_token_stats(
     if validate:
         _check_target_range(target_ids, mask, vocab_size)
     targets = torch.where(mask, target_ids, torch.zeros_like(target_ids))
+    backend = resolve_backend(backend, student_hidden)
 
     vocab_start = tp_rank * shard_rows
     valid_rows = max(0, min(shard_rows, vocab_size - vocab_start))
     logprobs, entropy, reverse_kl = _VocabParallelTokenStats.apply(
         student_hidden, weight_shard, targets, mask,
         None if teacher_hidden is None else teacher_hidden.detach(),
-        group, vocab_start, valid_rows, float(temperature), int(chunk_size),
+        group, vocab_start, valid_rows, float(temperature), int(chunk_size), backend,
     )
     return TokenStats(logprobs, entropy, reverse_kl if teacher_hidden is not None else None)
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """"torch" or "triton" for these inputs (see `vocab_parallel_token_stats`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("SDPG_LOSS_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"SDPG_LOSS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        fast_dtype = hidden.dtype in (torch.bfloat16, torch.float16)
+        return "triton" if hidden.device.type == "cuda" and fast_dtype and _triton_kernels() is not None else "torch"
+    if backend == "triton":
+        kernels = _triton_kernels()
+        if kernels is None:
+            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+        if not kernels.available(hidden):
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got "
+                f"{hidden.device.type}; use backend='torch'"
+            )
+    return backend
+
+
+def _triton_kernels():
+    try:
+        from sdpg_megatron.parallel import triton_token_stats
+    except ImportError:
+        return None
+    return triton_token_stats
 
 
 def split_vocab_shard(full_weight: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
@@ -140,57 +185,28 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, student_hidden, weight_shard, targets, mask, teacher_hidden,
-        group, vocab_start, valid_rows, temperature, chunk_size,
+        group, vocab_start, valid_rows, temperature, chunk_size, backend,
     ):
-        num_tokens = student_hidden.shape[0]
         with_teacher = teacher_hidden is not None
-        weight = _compute_weight(weight_shard, valid_rows)
-        device = student_hidden.device
-        local_max = torch.empty(2 if with_teacher else 1, num_tokens, device=device)
-        num_stats = _NUM_STATS_WITH_TEACHER if with_teacher else _NUM_STATS_STUDENT_ONLY
-        partials = torch.zeros(num_stats, num_tokens, device=device)
         target_local = targets - vocab_start
         owns_target = (target_local >= 0) & (target_local < valid_rows)
-        target_local = target_local.clamp(0, max(valid_rows - 1, 0))
-
-        # Three [chunk, V/tp] fp32 buffers, allocated once: the whole extra footprint.
-        workspace = _Workspace(min(chunk_size, num_tokens), weight.shape[0], device)
-        for start in range(0, num_tokens, chunk_size):
-            rows = slice(start, min(start + chunk_size, num_tokens))
-            student_logits, exp, teacher_logits = workspace.views(rows.stop - rows.start)
-            if with_teacher:  # teacher first, so its e^{zₜ−mₜ} can live in `exp` briefly
-                _chunk_logits(teacher_hidden[rows], weight, temperature, out=teacher_logits)
-                local_max[1, rows] = _centre_in_place(teacher_logits)
-                partials[1, rows] = torch.exp(teacher_logits, out=exp).sum(dim=1)
-            _chunk_logits(student_hidden[rows], weight, temperature, out=student_logits)
-            local_max[0, rows] = student_max = _centre_in_place(student_logits)
-            if valid_rows > 0:
-                picked = student_logits.gather(1, target_local[rows, None]).squeeze(1)
-                partials[-1, rows] = torch.where(owns_target[rows], picked + student_max, 0.0)
-            partials[0, rows] = torch.exp(student_logits, out=exp).sum(dim=1)
-            if with_teacher:
-                # A = Σ e^{zₛ−mₛ}·((zₛ−mₛ) − (zₜ−mₜ)), computed in the teacher buffer.
-                difference = teacher_logits.neg_().add_(student_logits)
-                partials[2, rows] = difference.mul_(exp).sum(dim=1)
-            # B = Σ e^{zₛ−mₛ}·(zₛ−mₛ), computed in the student buffer (last use).
-            partials[-2, rows] = student_logits.mul_(exp).sum(dim=1)
-        del workspace
+        if backend == "triton":  # the kernels take the shard in the hidden states' dtype
+            split_max, split_partials = _triton_kernels().local_partials(
+                student_hidden, teacher_hidden, weight_shard.detach()[:valid_rows],
+                _owned_target_rows(target_local, owns_target), valid_rows, temperature,
+            )
+            local_max, partials = _merge_splits(split_max, split_partials, with_teacher)
+        else:
+            local_max, partials = _torch_local_partials(
+                student_hidden, teacher_hidden, _compute_weight(weight_shard, valid_rows), target_local,
+                owns_target, valid_rows, temperature, chunk_size,
+            )
 
         # Collective 1: MAX over [2N] (student and teacher maxima).
         global_max = local_max.clone()
         if group is not None:
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        # Rescale this rank's partials to the global maxima; a rank with no valid rows
-        # (all padding) has max −inf and contributes exactly 0.
-        has_rows = torch.isfinite(local_max)
-        shift = torch.where(has_rows, global_max - local_max, torch.zeros_like(local_max))
-        scale = torch.where(has_rows, torch.exp(-shift), torch.zeros_like(local_max))
-        rescaled = partials.clone()
-        rescaled[0] = partials[0] * scale[0]
-        rescaled[-2] = scale[0] * (partials[-2] - shift[0] * partials[0])
-        if with_teacher:
-            rescaled[1] = partials[1] * scale[1]
-            rescaled[2] = scale[0] * (partials[2] - (shift[0] - shift[1]) * partials[0])
+        rescaled = _rescale(partials, local_max, global_max, with_teacher)
         # Collective 2: SUM over [5N] (or [3N] without a teacher).
         if group is not None:
             dist.all_reduce(rescaled, op=dist.ReduceOp.SUM, group=group)
@@ -222,6 +238,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         ctx.valid_rows = valid_rows
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
+        ctx.backend = backend
         if not with_teacher:
             ctx.mark_non_differentiable(reverse_kl)
         return logprobs, entropy, reverse_kl
@@ -243,40 +260,26 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         g_lp, g_h = upstream(grad_logprobs), upstream(grad_entropy)
         g_kl = upstream(grad_reverse_kl) if with_teacher else zero
         # ∂/∂z = −p ⊙ [(g_H − g_KL)·log p + g_KL·log q + c] + g_lp·onehot(y)
-        coef_logp = (g_h - g_kl)[:, None]
-        coef_logq = g_kl[:, None]
-        constant = (g_lp + g_h * entropy + g_kl * reverse_kl)[:, None]
-
-        weight = _compute_weight(weight_shard, valid_rows)
-        weight_fp32 = weight.float()  # ∂h accumulates in fp32 (a no-op for fp32 weights)
-        grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=zero.device)
-        grad_weight = torch.zeros(weight_shard.shape, dtype=torch.float32, device=zero.device)
+        coef_logp = g_h - g_kl
+        constant = g_lp + g_h * entropy + g_kl * reverse_kl
         target_local = targets - ctx.vocab_start
         owns_target = (target_local >= 0) & (target_local < valid_rows)
-        target_local = target_local.clamp(0, max(valid_rows - 1, 0))
 
-        if valid_rows > 0:
-            workspace = _Workspace(min(ctx.chunk_size, num_tokens), weight.shape[0], zero.device)
-            for start in range(0, num_tokens, ctx.chunk_size):
-                rows = slice(start, min(start + ctx.chunk_size, num_tokens))
-                logp, probs, bracket = workspace.views(rows.stop - rows.start)
-                hidden = student_hidden[rows]
-                _chunk_logits(hidden, weight, temperature, out=logp).sub_(student_log_z[rows, None])
-                torch.exp(logp, out=probs)
-                if with_teacher:
-                    _chunk_logits(teacher_hidden[rows], weight, temperature, out=bracket)
-                    bracket.sub_(teacher_log_z[rows, None]).mul_(coef_logq[rows])
-                    bracket.addcmul_(logp, coef_logp[rows])
-                else:
-                    torch.mul(logp, coef_logp[rows], out=bracket)
-                grad_logits = bracket.add_(constant[rows]).mul_(probs).neg_()
-                owner_grad = torch.where(owns_target[rows], g_lp[rows], 0.0)
-                grad_logits.scatter_add_(1, target_local[rows, None], owner_grad[:, None])
-                grad_logits.div_(temperature)
-                torch.mm(grad_logits, weight_fp32, out=grad_hidden[rows])
-                valid_grad_weight = grad_weight[:valid_rows]
-                torch.addmm(valid_grad_weight, grad_logits.t(), hidden.float(), out=valid_grad_weight)
-            del workspace
+        if ctx.backend == "triton":
+            coefficients = torch.stack([
+                student_log_z, zero if teacher_log_z is None else teacher_log_z,
+                coef_logp, g_kl, constant, torch.where(owns_target, g_lp, zero),
+            ])
+            grad_hidden, grad_weight = _triton_kernels().grads(
+                student_hidden, teacher_hidden, weight_shard.detach()[:valid_rows], _owned_target_rows(target_local, owns_target),
+                coefficients, valid_rows, temperature, shard_rows=weight_shard.shape[0],
+            )
+        else:
+            grad_hidden, grad_weight = _torch_local_grads(
+                student_hidden, teacher_hidden, _compute_weight(weight_shard, valid_rows), weight_shard.shape[0], target_local, owns_target,
+                student_log_z, teacher_log_z, coef_logp, g_kl, constant, g_lp,
+                valid_rows, temperature, ctx.chunk_size,
+            )
 
         # The hidden states are replicated over the group: their gradient is the sum of
         # every rank's vocabulary slice (Megatron's copy-to-TP-region backward).
@@ -284,7 +287,115 @@ class _VocabParallelTokenStats(torch.autograd.Function):
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
         grad_hidden = grad_hidden.to(student_hidden.dtype)
         grad_weight = grad_weight.to(weight_shard.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- torch chunk body
+
+
+def _torch_local_partials(
+    student_hidden, teacher_hidden, weight, target_local, owns_target, valid_rows, temperature, chunk_size,
+):
+    """This rank's maxima [2 | 1, N] and partials [5 | 3, N], one [chunk, V/tp] slice at a time."""
+    num_tokens = student_hidden.shape[0]
+    with_teacher = teacher_hidden is not None
+    device = student_hidden.device
+    local_max = torch.empty(2 if with_teacher else 1, num_tokens, device=device)
+    num_stats = _NUM_STATS_WITH_TEACHER if with_teacher else _NUM_STATS_STUDENT_ONLY
+    partials = torch.zeros(num_stats, num_tokens, device=device)
+    target_local = target_local.clamp(0, max(valid_rows - 1, 0))
+    # Three [chunk, V/tp] fp32 buffers, allocated once: the whole extra footprint.
+    workspace = _Workspace(min(chunk_size, num_tokens), weight.shape[0], device)
+    for start in range(0, num_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, num_tokens))
+        student_logits, exp, teacher_logits = workspace.views(rows.stop - rows.start)
+        if with_teacher:  # teacher first, so its e^{zₜ−mₜ} can live in `exp` briefly
+            _chunk_logits(teacher_hidden[rows], weight, temperature, out=teacher_logits)
+            local_max[1, rows] = _centre_in_place(teacher_logits)
+            partials[1, rows] = torch.exp(teacher_logits, out=exp).sum(dim=1)
+        _chunk_logits(student_hidden[rows], weight, temperature, out=student_logits)
+        local_max[0, rows] = student_max = _centre_in_place(student_logits)
+        if valid_rows > 0:
+            picked = student_logits.gather(1, target_local[rows, None]).squeeze(1)
+            partials[-1, rows] = torch.where(owns_target[rows], picked + student_max, 0.0)
+        partials[0, rows] = torch.exp(student_logits, out=exp).sum(dim=1)
+        if with_teacher:
+            # A = Σ e^{zₛ−mₛ}·((zₛ−mₛ) − (zₜ−mₜ)), computed in the teacher buffer.
+            difference = teacher_logits.neg_().add_(student_logits)
+            partials[2, rows] = difference.mul_(exp).sum(dim=1)
+        # B = Σ e^{zₛ−mₛ}·(zₛ−mₛ), computed in the student buffer (last use).
+        partials[-2, rows] = student_logits.mul_(exp).sum(dim=1)
+    return local_max, partials
+
+
+def _torch_local_grads(
+    student_hidden, teacher_hidden, weight, shard_rows, target_local, owns_target,
+    student_log_z, teacher_log_z, coef_logp, g_kl, constant, g_lp, valid_rows, temperature, chunk_size,
+):
+    """(∂h [N, H] fp32, ∂W [shard_rows, H] fp32) for this rank's shard, chunk by chunk."""
+    num_tokens, device = student_hidden.shape[0], student_hidden.device
+    with_teacher = teacher_hidden is not None
+    weight_fp32 = weight.float()  # ∂h accumulates in fp32 (a no-op for fp32 weights)
+    grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device)
+    grad_weight = torch.zeros(shard_rows, student_hidden.shape[1], dtype=torch.float32, device=device)
+    if valid_rows == 0:
+        return grad_hidden, grad_weight
+    target_local = target_local.clamp(0, valid_rows - 1)
+    coef_logp, coef_logq, constant = coef_logp[:, None], g_kl[:, None], constant[:, None]
+    workspace = _Workspace(min(chunk_size, num_tokens), weight.shape[0], device)
+    for start in range(0, num_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, num_tokens))
+        logp, probs, bracket = workspace.views(rows.stop - rows.start)
+        hidden = student_hidden[rows]
+        _chunk_logits(hidden, weight, temperature, out=logp).sub_(student_log_z[rows, None])
+        torch.exp(logp, out=probs)
+        if with_teacher:
+            _chunk_logits(teacher_hidden[rows], weight, temperature, out=bracket)
+            bracket.sub_(teacher_log_z[rows, None]).mul_(coef_logq[rows])
+            bracket.addcmul_(logp, coef_logp[rows])
+        else:
+            torch.mul(logp, coef_logp[rows], out=bracket)
+        grad_logits = bracket.add_(constant[rows]).mul_(probs).neg_()
+        owner_grad = torch.where(owns_target[rows], g_lp[rows], 0.0)
+        grad_logits.scatter_add_(1, target_local[rows, None], owner_grad[:, None])
+        grad_logits.div_(temperature)
+        torch.mm(grad_logits, weight_fp32, out=grad_hidden[rows])
+        valid_grad_weight = grad_weight[:valid_rows]
+        torch.addmm(valid_grad_weight, grad_logits.t(), hidden.float(), out=valid_grad_weight)
+    return grad_hidden, grad_weight
+
+
+# --------------------------------------------------------------------------- merging partials
+
+
+def _rescale(partials: torch.Tensor, local_max: torch.Tensor, target_max: torch.Tensor, with_teacher: bool):
+    """Partials centred on `local_max` re-centred on `target_max` (≥ it), on dim −2.
+
+    A part with no vocabulary rows (max −inf) contributes exactly 0. Works for one rank's
+    [k, N] as for a stack of splits [splits, k, N]."""
+    has_rows = torch.isfinite(local_max)
+    shift = torch.where(has_rows, target_max - local_max, torch.zeros_like(local_max))
+    scale = torch.where(has_rows, torch.exp(-shift), torch.zeros_like(local_max))
+    rescaled = partials.clone()
+    s_student, shift_student, scale_student = partials[..., 0, :], shift[..., 0, :], scale[..., 0, :]
+    rescaled[..., 0, :] = s_student * scale_student
+    rescaled[..., -2, :] = scale_student * (partials[..., -2, :] - shift_student * s_student)
+    if with_teacher:
+        rescaled[..., 1, :] = partials[..., 1, :] * scale[..., 1, :]
+        rescaled[..., 2, :] = scale_student * (partials[..., 2, :] - (shift_student - shift[..., 1, :]) * s_student)
+    return rescaled
+
+
+def _merge_splits(split_max: torch.Tensor, split_partials: torch.Tensor, with_teacher: bool):
+    """One rank's (maxima, partials) from the kernel's per-split ones: the same rescaling
+    as across TP ranks, then a sum (the target logit is raw, owned by one split)."""
+    local_max = split_max.max(dim=0).values
+    return local_max, _rescale(split_partials, split_max, local_max, with_teacher).sum(dim=0)
+
+
+def _owned_target_rows(target_local: torch.Tensor, owns_target: torch.Tensor) -> torch.Tensor:
+    """[N] int32: the target's row in this shard, −1 where another rank (or none) owns it."""
+    return torch.where(owns_target, target_local, torch.full_like(target_local, -1)).to(torch.int32)
 
 
 # --------------------------------------------------------------------------- chunk math

@@ -1,0 +1,90 @@
+"""Tables from the JSON files of `benchmarks/gpu/run.sh` (printed and written as markdown).
+
+    python benchmarks/gpu/summarize.py DIR    # reads DIR/fused_tp*.json, DIR/train_step.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ORDER = ["naive", "torch", "triton", "triton_again", "liger_jsd", "liger_chunked"]
+
+
+def fused_table(report: dict) -> list[str]:
+    shape, gemm, methods = report["shape"], report.get("gemm", {}), report["methods"]
+    naive = methods.get("naive", {})
+    lines = [
+        f"### N = {shape['tokens']}, H = {shape['hidden']}, V/tp = {shape['rows']} (tp {shape['tp']}), bf16, fwd+bwd — "
+        f"{report['card']}, {report['date']}",
+        "",
+        "| method | ms (median) | min–max | peak extra GiB | memory / naive | time / 6-GEMM bound | time / 4-GEMM bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ORDER:
+        result = methods.get(name)
+        if result is None:
+            continue
+        if "error" in result:
+            lines.append(f"| {name} | {result['error'][:90]} | | | | | |")
+            continue
+        memory = f"{result['peak_extra_gib'] / naive['peak_extra_gib']:.3f}" if "peak_extra_gib" in naive else "n/a"
+        lines.append(
+            f"| {name} | {result['ms']:.1f} | {result['ms_min']:.1f}–{result['ms_max']:.1f} | "
+            f"{result['peak_extra_gib']:.2f} | {memory} | "
+            f"{result['ms'] / gemm['gemm6_ms']:.2f} | {result['ms'] / gemm['gemm4_ms']:.2f} |"
+        )
+    if gemm:
+        lines += ["", f"cuBLAS bf16 (N, H, V/tp): logits {gemm['logits_ms']:.2f} ms, ∂h {gemm['grad_hidden_ms']:.2f} ms, "
+                  f"∂W {gemm['grad_weight_ms']:.2f} ms ({', '.join(f'{k} {v:.0f}' for k, v in gemm['tflops'].items())} TFLOP/s); "
+                  f"4-GEMM bound {gemm['gemm4_ms']:.1f} ms, 6-GEMM bound {gemm['gemm6_ms']:.1f} ms."]
+    agreement = report.get("agreement_4096_tokens", {})
+    if agreement and "error" not in agreement:
+        lines += ["", "Triton vs the torch oracle (4096 tokens, same bf16 inputs), relative error: " + ", ".join(
+            f"{k} {v:.1e}" for k, v in agreement.items() if isinstance(v, float))
+            + f"; within bounds: {agreement.get('within_bounds')}"]
+    split = [f"{name} forward {methods[name]['forward_ms']:.1f} ms of {methods[name]['ms']:.1f}"
+             for name in ("triton", "torch") if "forward_ms" in methods.get(name, {})]
+    if split:
+        lines += ["", "Forward alone: " + "; ".join(split) + "."]
+    elif agreement:
+        lines += ["", f"Triton vs torch: {agreement['error']}"]
+    if report.get("triton_configs"):
+        lines += ["", "Tuned configurations: " + "; ".join(f"{k}: {v}" for k, v in report["triton_configs"].items())]
+    return lines
+
+
+def step_table(report: dict) -> list[str]:
+    lines = [
+        f"### One SDPG step, {report['model']}, {report['samples']} samples × "
+        f"{report['student_length']} tokens ({report['response_tokens_per_step']} response tokens) — "
+        f"{report['card']}, {report['date']}",
+        "",
+        "| loss | step s (median) | response tokens/s | peak GiB | peak over resident GiB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in report["losses"].items():
+        if "error" in result:
+            lines.append(f"| {name} | {result['error'][:100]} | | | |")
+        else:
+            lines.append(f"| {name} | {result['step_s']:.3f} | {result['response_tokens_per_s']:.0f} | "
+                         f"{result['peak_memory_gib']:.2f} | {result['peak_over_resident_gib']:.2f} |")
+    return lines
+
+
+def main() -> None:
+    directory = Path(sys.argv[1])
+    lines = []
+    for path in sorted(directory.glob("fused_tp*.json")):
+        lines += fused_table(json.loads(path.read_text())) + [""]
+    step = directory / "train_step.json"
+    if step.exists():
+        lines += step_table(json.loads(step.read_text()))
+    text = "\n".join(lines) + "\n"
+    (directory / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

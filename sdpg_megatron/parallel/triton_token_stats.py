@@ -1,0 +1,399 @@
+"""Triton kernels for the chunk body of `vocab_parallel_token_stats` (the GPU fast path).
+
+The torch chunked loop in `vocab_parallel.py` stays the default and the oracle; these
+kernels compute the same per-rank quantities and hand them back to the same merge,
+collectives and autograd bookkeeping.
+
+Forward (one launch, no [tokens × V/tp] buffer at all): a program owns BLOCK_M tokens and
+one contiguous split of this rank's vocabulary rows. Per [BLOCK_M, BLOCK_N] tile it forms
+the student and teacher logits with two `tl.dot`s that share the weight tile (bf16 in,
+fp32 accumulate), then folds them into online statistics centred on running maxima:
+
+    S = Σ e^{z−m},  Sₜ = Σ e^{zₜ−mₜ},  A = Σ e^{z−m}((z−m) − (zₜ−mₜ)),  B = Σ e^{z−m}(z−m)
+
+and the raw target logit. When a maximum moves from m to m' every sum is rescaled by
+α = e^{m−m'} with the shift d = m − m' (B' = α(B + d·S), A' = α(A + (d − dₜ)·S)), so no
+logit is stored. The splits come back as [splits, ·, N] partials with their own maxima;
+`vocab_parallel.py` merges them with exactly the rescaling it uses across TP ranks.
+
+Backward: the vocabulary is walked in blocks of columns; for each block a kernel
+recomputes both logit tiles and writes ∂z (in the weight's dtype) for every token,
+
+    ∂z = [g_lp·1[a=y] − p·((g_H − g_KL)·log p + g_KL·log q + g_lp + g_H·H + g_KL·KL)] / τ
+
+and two cuBLAS GEMMs finish the block: ∂W[block] = ∂zᵀ h (accumulated over all tokens in
+fp32 inside the GEMM) and ∂h += ∂z W[block] (fp32 accumulator). Only one
+[tokens × block] ∂z buffer is ever alive; its width is set by a byte budget.
+
+On CPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1), which is how
+the test suite checks them against the torch path without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Where the kernels apply: GPU tensors (or any tensor under the interpreter).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DZ_BYTES = {"cuda": 512 * 2**20, "cpu": 2**20}  # one [tokens, block] ∂z buffer
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8  # token blocks per band of the program order (L2 reuse)
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}N{self.block_n}K{self.block_k}w{self.num_warps}s{self.num_stages}g{self.group_m}"
+
+
+# Candidates timed once per shape on the GPU (the first call of a shape pays for it);
+# the interpreter runs the small one.
+GPU_CONFIGS = (
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=3, group_m=16),
+    KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 64, 64, num_warps=4, num_stages=4),
+    KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
+    KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
+)
+INTERPRETER_CONFIG = KernelConfig(16, 32, 32, num_warps=1, num_stages=1, group_m=2)
+_chosen: dict[tuple, KernelConfig] = {}
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can run on `tensor`'s device."""
+    return tensor.device.type == "cuda" or _INTERPRET
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logit_tiles(
+    hs_ptr, ht_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, hidden_size,
+    stride_h, stride_w,
+    WITH_TEACHER: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Student and teacher logits of one tile (fp32), sharing each weight tile."""
+    acc_s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < hidden_size
+        w = tl.load(w_ptr + offs_n[None, :] * stride_w + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        hs = tl.load(hs_ptr + offs_m[:, None] * stride_h + offs_k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if IEEE:  # fp32 inputs, or the interpreter (whose bf16 dot is wrong): exact fp32
+            acc_s = tl.dot(hs.to(tl.float32), w.to(tl.float32), acc_s, input_precision="ieee")
+        else:
+            acc_s = tl.dot(hs, w, acc_s)
+        if WITH_TEACHER:
+            ht = tl.load(ht_ptr + offs_m[:, None] * stride_h + offs_k[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if IEEE:
+                acc_t = tl.dot(ht.to(tl.float32), w.to(tl.float32), acc_t, input_precision="ieee")
+            else:
+                acc_t = tl.dot(ht, w, acc_t)
+    return acc_s, acc_t
+
+
+@triton.jit
+def _grouped_program(num_rows, num_cols, GROUP_M: tl.constexpr):
+    """(row, column) of this program with GROUP_M row blocks per band: the programs that
+    run at the same time share a few token blocks and a few vocabulary columns, so both
+    the hidden states and the weight tiles they stream are served from L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_cols
+    first_row = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(num_rows - first_row, GROUP_M)
+    return first_row + (pid % per_group) % rows_here, (pid % per_group) // rows_here
+
+
+@triton.jit
+def _forward_kernel(
+    hs_ptr, ht_ptr, w_ptr, tgt_ptr, max_ptr, part_ptr,
+    num_tokens, hidden_size, valid_rows, cols_per_split, num_splits, inv_tau,
+    stride_h, stride_w,
+    WITH_TEACHER: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, split = _grouped_program(tl.cdiv(num_tokens, BLOCK_M), num_splits, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_tokens
+    targets = tl.load(tgt_ptr + offs_m, mask=mask_m, other=-1)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, valid_rows)
+
+    neg_inf = float("-inf")
+    m_s = tl.full((BLOCK_M,), neg_inf, tl.float32)
+    s_s = tl.zeros((BLOCK_M,), tl.float32)
+    b_s = tl.zeros((BLOCK_M,), tl.float32)
+    m_t = tl.full((BLOCK_M,), neg_inf, tl.float32)
+    s_t = tl.zeros((BLOCK_M,), tl.float32)
+    a_st = tl.zeros((BLOCK_M,), tl.float32)
+    target_logit = tl.zeros((BLOCK_M,), tl.float32)
+
+    for n0 in range(col_begin, col_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < col_end
+        acc_s, acc_t = _logit_tiles(
+            hs_ptr, ht_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, hidden_size, stride_h, stride_w,
+            WITH_TEACHER, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        z_s = tl.where(mask_n[None, :], acc_s * inv_tau, neg_inf)
+        target_logit += tl.sum(tl.where(offs_n[None, :] == targets[:, None], z_s, 0.0), axis=1)
+
+        new_m = tl.maximum(m_s, tl.max(z_s, axis=1))
+        shift = tl.where(m_s == neg_inf, 0.0, m_s - new_m)  # d = m − m' (0 before the first tile)
+        alpha = tl.exp(shift)
+        centred_s = tl.where(mask_n[None, :], z_s - new_m[:, None], 0.0)
+        e_s = tl.where(mask_n[None, :], tl.exp(centred_s), 0.0)
+        s_old = s_s
+        s_s = alpha * s_s + tl.sum(e_s, axis=1)
+        b_s = alpha * (b_s + shift * s_old) + tl.sum(e_s * centred_s, axis=1)
+        if WITH_TEACHER:
+            z_t = tl.where(mask_n[None, :], acc_t * inv_tau, neg_inf)
+            new_mt = tl.maximum(m_t, tl.max(z_t, axis=1))
+            shift_t = tl.where(m_t == neg_inf, 0.0, m_t - new_mt)
+            centred_t = tl.where(mask_n[None, :], z_t - new_mt[:, None], 0.0)
+            e_t = tl.where(mask_n[None, :], tl.exp(centred_t), 0.0)
+            s_t = tl.exp(shift_t) * s_t + tl.sum(e_t, axis=1)
+            a_st = alpha * (a_st + (shift - shift_t) * s_old) + tl.sum(e_s * (centred_s - centred_t), axis=1)
+            m_t = new_mt
+        m_s = new_m
+
+    # Layout shared with the torch path: maxima [2 | 1, N]; partials [S, Sₜ, A, B, y] or [S, B, y].
+    max_base = max_ptr + split * (2 if WITH_TEACHER else 1) * num_tokens
+    tl.store(max_base + offs_m, m_s, mask=mask_m)
+    num_stats = 5 if WITH_TEACHER else 3
+    part_base = part_ptr + split * num_stats * num_tokens
+    tl.store(part_base + offs_m, s_s, mask=mask_m)
+    tl.store(part_base + (num_stats - 2) * num_tokens + offs_m, b_s, mask=mask_m)
+    tl.store(part_base + (num_stats - 1) * num_tokens + offs_m, target_logit, mask=mask_m)
+    if WITH_TEACHER:
+        tl.store(max_base + num_tokens + offs_m, m_t, mask=mask_m)
+        tl.store(part_base + num_tokens + offs_m, s_t, mask=mask_m)
+        tl.store(part_base + 2 * num_tokens + offs_m, a_st, mask=mask_m)
+
+
+@triton.jit
+def _grad_logits_kernel(
+    hs_ptr, ht_ptr, w_ptr, tgt_ptr, coef_ptr, dz_ptr,
+    num_tokens, hidden_size, col_begin, col_end, inv_tau,
+    stride_h, stride_w, stride_dz,
+    WITH_TEACHER: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dz[:, cols − col_begin] for columns [col_begin, col_end) of this rank's shard.
+
+    coef rows (fp32, [6, N]): log Z_s, log Z_t, g_H − g_KL, g_KL, the constant
+    g_lp + g_H·H + g_KL·KL, and g_lp for the owner of the target."""
+    pid_m, pid_n = _grouped_program(tl.cdiv(num_tokens, BLOCK_M), tl.cdiv(col_end - col_begin, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = col_begin + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < num_tokens
+    mask_n = offs_n < col_end
+    acc_s, acc_t = _logit_tiles(
+        hs_ptr, ht_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, hidden_size, stride_h, stride_w,
+        WITH_TEACHER, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    log_z_s = tl.load(coef_ptr + offs_m, mask=mask_m, other=0.0)
+    coef_logp = tl.load(coef_ptr + 2 * num_tokens + offs_m, mask=mask_m, other=0.0)
+    constant = tl.load(coef_ptr + 4 * num_tokens + offs_m, mask=mask_m, other=0.0)
+    g_target = tl.load(coef_ptr + 5 * num_tokens + offs_m, mask=mask_m, other=0.0)
+    targets = tl.load(tgt_ptr + offs_m, mask=mask_m, other=-1)
+
+    log_p = acc_s * inv_tau - log_z_s[:, None]
+    bracket = coef_logp[:, None] * log_p + constant[:, None]
+    if WITH_TEACHER:
+        log_z_t = tl.load(coef_ptr + num_tokens + offs_m, mask=mask_m, other=0.0)
+        coef_logq = tl.load(coef_ptr + 3 * num_tokens + offs_m, mask=mask_m, other=0.0)
+        bracket += coef_logq[:, None] * (acc_t * inv_tau - log_z_t[:, None])
+    grad = -tl.exp(log_p) * bracket
+    grad += tl.where(offs_n[None, :] == targets[:, None], g_target[:, None], 0.0)
+    grad = grad * inv_tau
+    out = dz_ptr + offs_m[:, None] * stride_dz + (offs_n - col_begin)[None, :]
+    tl.store(out, grad.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def local_partials(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    weight: torch.Tensor,
+    target_local: torch.Tensor,
+    valid_rows: int,
+    temperature: float,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split maxima [splits, 2 | 1, N] and partials [splits, 5 | 3, N] (fp32).
+
+    target_local: [N] int32, the target's row in this shard or −1 where another rank owns it.
+    weight: [≥ valid_rows, H] rows of this shard, same dtype as the hidden states."""
+    with_teacher = teacher_hidden is not None
+    num_tokens, hidden_size = student_hidden.shape
+    student_hidden = student_hidden.detach().contiguous()
+    teacher = teacher_hidden.detach().contiguous() if with_teacher else student_hidden
+    weight = weight.detach().contiguous()
+    device = student_hidden.device
+    ieee = student_hidden.dtype == torch.float32 or _INTERPRET
+
+    def launch(cfg: KernelConfig):
+        splits, cols_per_split = _vocab_splits(num_tokens, valid_rows, cfg, device)
+        maxima = torch.empty(splits, 2 if with_teacher else 1, num_tokens, device=device)
+        partials = torch.empty(splits, 5 if with_teacher else 3, num_tokens, device=device)
+        grid = (triton.cdiv(num_tokens, cfg.block_m) * splits,)
+        _forward_kernel[grid](
+            student_hidden, teacher, weight, target_local, maxima, partials,
+            num_tokens, hidden_size, valid_rows, cols_per_split, splits, 1.0 / temperature,
+            student_hidden.stride(0), weight.stride(0),
+            WITH_TEACHER=with_teacher, IEEE=ieee,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return maxima, partials
+
+    key = ("forward", hidden_size, student_hidden.dtype, with_teacher, _bucket(num_tokens), _bucket(valid_rows))
+    return launch(config or _choose(key, launch))
+
+
+def grads(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    weight: torch.Tensor,
+    target_local: torch.Tensor,
+    coefficients: torch.Tensor,
+    valid_rows: int,
+    temperature: float,
+    *,
+    shard_rows: int,
+    block_bytes: int | None = None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂h [N, H] fp32, ∂W [shard_rows, H] in the weight's dtype) for this rank's shard.
+
+    coefficients: [6, N] fp32 — log Z_s, log Z_t, g_H − g_KL, g_KL, the per-token constant,
+    and the target's upstream gradient where this rank owns it (0 elsewhere)."""
+    with_teacher = teacher_hidden is not None
+    num_tokens, hidden_size = student_hidden.shape
+    student_hidden = student_hidden.detach().contiguous()
+    teacher = teacher_hidden.detach().contiguous() if with_teacher else student_hidden
+    weight = weight.detach().contiguous()
+    coefficients = coefficients.contiguous()
+    device, dtype = student_hidden.device, student_hidden.dtype
+    ieee = dtype == torch.float32 or _INTERPRET
+    grad_hidden = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=device)
+    grad_weight = torch.zeros(shard_rows, hidden_size, dtype=dtype, device=device)
+    if valid_rows == 0 or num_tokens == 0:
+        return grad_hidden, grad_weight
+
+    budget = block_bytes or _DZ_BYTES.get(device.type, _DZ_BYTES["cpu"])
+    probe = config or (GPU_CONFIGS[0] if device.type == "cuda" else INTERPRETER_CONFIG)
+    block_cols = max(probe.block_n, budget // (num_tokens * student_hidden.element_size()))
+    block_cols = min(valid_rows, block_cols // 128 * 128 or probe.block_n)
+    dz_buffer = torch.empty(num_tokens, block_cols, dtype=dtype, device=device)
+
+    def launch(cfg: KernelConfig, begin: int, end: int) -> torch.Tensor:
+        dz = dz_buffer[:, : end - begin]
+        grid = (triton.cdiv(num_tokens, cfg.block_m) * triton.cdiv(end - begin, cfg.block_n),)
+        _grad_logits_kernel[grid](
+            student_hidden, teacher, weight, target_local, coefficients, dz,
+            num_tokens, hidden_size, begin, end, 1.0 / temperature,
+            student_hidden.stride(0), weight.stride(0), dz.stride(0),
+            WITH_TEACHER=with_teacher, IEEE=ieee,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return dz
+
+    key = ("backward", hidden_size, dtype, with_teacher, _bucket(num_tokens), block_cols)
+    cfg = config or _choose(key, lambda c: launch(c, 0, block_cols))
+    for begin in range(0, valid_rows, block_cols):
+        end = min(begin + block_cols, valid_rows)
+        dz = launch(cfg, begin, end)
+        # ∂W rows of this block: one GEMM over all tokens (fp32 accumulation inside).
+        torch.mm(dz.t(), student_hidden, out=grad_weight[begin:end])
+        _accumulate_fp32(grad_hidden, dz, weight[begin:end])
+    return grad_hidden, grad_weight
+
+
+_fused_accumulate = {"works": True}
+
+
+def _accumulate_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b; bf16/fp16 inputs accumulate in fp32 inside one cuBLAS call
+    (addmm with out_dtype, β = 1) where this torch has it, else through an fp32 product."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        out += a.float() @ b.float()
+        return
+    if _fused_accumulate["works"]:
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            return
+        except (RuntimeError, TypeError):  # older torch: no addmm.dtype_out
+            _fused_accumulate["works"] = False
+    out += torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _vocab_splits(num_tokens: int, valid_rows: int, cfg: KernelConfig, device) -> tuple[int, int]:
+    """Vocabulary splits: enough that the grid covers the GPU four times over, and at
+    least 4·GROUP_M so that the programs running together span few token blocks."""
+    if valid_rows == 0:
+        return 1, cfg.block_n
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    token_blocks = triton.cdiv(num_tokens, cfg.block_m)
+    tiles = triton.cdiv(valid_rows, cfg.block_n)
+    splits = max(1, min(tiles, max(4 * cfg.group_m, triton.cdiv(4 * processors, token_blocks))))
+    cols_per_split = triton.cdiv(tiles, splits) * cfg.block_n
+    return triton.cdiv(valid_rows, cols_per_split), cols_per_split
+
+
+def _bucket(n: int) -> int:
+    """Shapes within a factor of two share a tuning decision."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _choose(key: tuple, launch) -> KernelConfig:
+    """The fastest candidate for `key`, timed once with CUDA events (kernels are pure)."""
+    if key in _chosen:
+        return _chosen[key]
+    forced = os.environ.get("SDPG_TRITON_CONFIG")
+    if forced:
+        chosen = next((c for c in GPU_CONFIGS if str(c) == forced), None)
+        if chosen is None:
+            raise ValueError(f"SDPG_TRITON_CONFIG={forced!r} is not one of {[str(c) for c in GPU_CONFIGS]}")
+    elif _INTERPRET or not torch.cuda.is_available():
+        chosen = INTERPRETER_CONFIG
+    else:
+        timings = {}
+        for cfg in GPU_CONFIGS:
+            try:
+                timings[cfg] = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except Exception as error:  # e.g. out of shared memory for this tile shape
+                timings[cfg] = float("inf")
+                last_error = error
+        chosen = min(timings, key=timings.get)
+        if timings[chosen] == float("inf"):
+            raise RuntimeError(f"no Triton configuration compiled for {key}: {last_error}")
+    _chosen[key] = chosen
+    return chosen
+
+
+def chosen_configs() -> dict[str, str]:
+    """What the tuner picked so far (for benchmark reports)."""
+    return {"/".join(map(str, key)): str(cfg) for key, cfg in _chosen.items()}

@@ -1,0 +1,150 @@
+"""The Triton kernels of `vocab_parallel_token_stats` (backend="triton"), on CPU.
+
+Triton's interpreter runs the same kernels with numpy, so their math — online max/sum-exp
+across tiles and vocabulary splits, the KL and entropy partials, the target logit, padding
+and masks, ∂z and the block-wise ∂h/∂W GEMMs — is checked here against the fp64
+full-vocabulary oracle, at TP 1 and 2, without a GPU. On a GPU
+`benchmarks/gpu/bench_fused_loss.py` checks the compiled kernels against the torch path.
+
+The interpreter must be on before Triton is first imported (its standard library is
+decorated at import), so these cases run in their own pytest process started by
+`tests/test_triton_token_stats.py` with TRITON_INTERPRET=1; this file is not collected
+by the main run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise RuntimeError(
+        "tests/triton_interpreter_cases.py needs TRITON_INTERPRET=1 from the start of the process; "
+        "run it through tests/test_triton_token_stats.py"
+    )
+
+from sdpg_megatron.parallel import triton_token_stats  # noqa: E402
+from sdpg_megatron.parallel import split_vocab_shard, vocab_parallel_token_stats  # noqa: E402
+from sdpg_megatron.parallel.reference import naive_token_stats  # noqa: E402
+from sdpg_megatron.parallel.vocab_parallel import resolve_backend  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
+from tests.test_vocab_parallel import (  # noqa: E402
+    CASES, RTOL, _distributed_stats, _reference, assert_matches_reference, make_inputs, relative_error,
+)
+
+
+def _triton_stats(rank: int, world_size: int) -> dict:
+    # Spawned ranks inherit TRITON_INTERPRET=1 from this process.
+    assert triton_token_stats._INTERPRET
+    return _distributed_stats(rank, world_size, "triton")
+
+
+@pytest.fixture(scope="module", params=(1, 2), ids=lambda tp: f"tp{tp}")
+def triton_results(request):
+    tp = request.param
+    if tp == 1:
+        return tp, [_triton_stats(0, 1)]
+    return tp, run_distributed(_triton_stats, tp)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernels_match_naive_fp64_reference(triton_results, case):
+    tp, per_rank = triton_results
+    assert_matches_reference(tp, per_rank, case)
+    # The same two forward collectives as the torch path (the splits merge locally).
+    views, stats = (2, 5) if case.teacher else (1, 3)
+    expected_calls = [] if tp == 1 else [views * case.num_tokens, stats * case.num_tokens]
+    for results in per_rank:
+        assert [numel for _, numel in results[case.name]["forward_calls"]] == expected_calls
+
+
+def test_one_split_walks_every_tile_online(monkeypatch):
+    """Each program walks its whole vocabulary tile by tile: every running maximum moves
+    many times, so the online rescaling of S, B and A is what is being checked."""
+    config = triton_token_stats.INTERPRETER_CONFIG
+
+    def one_split(num_tokens, valid_rows, cfg, device):
+        return 1, max(1, -(-valid_rows // cfg.block_n)) * cfg.block_n
+
+    monkeypatch.setattr(triton_token_stats, "_vocab_splits", one_split)
+    for case in CASES:
+        assert case.vocab > 2 * config.block_n  # several tiles per program
+        results = [_distributed_stats(0, 1, "triton")]
+        assert_matches_reference(1, results, case)
+
+
+def test_several_splits_and_gradient_blocks(monkeypatch):
+    """A vocabulary walked in many forward splits and three ∂z column blocks."""
+    case = CASES[4]  # large logits, temperature 1.3
+    student, teacher, weight, targets, _, upstream = make_inputs(case)
+    budget = case.num_tokens * 4 * 64  # 64 fp32 columns of ∂z per block
+    monkeypatch.setitem(triton_token_stats._DZ_BYTES, "cpu", budget)
+    splits, _ = triton_token_stats._vocab_splits(
+        case.num_tokens, case.vocab, triton_token_stats.INTERPRETER_CONFIG, student.device
+    )
+    assert splits >= 3
+    student.requires_grad_(True)
+    weight.requires_grad_(True)
+    stats = vocab_parallel_token_stats(student, weight, targets, teacher, vocab_size=case.vocab,
+                                       temperature=case.temperature, backend="triton")
+    outputs = [stats.logprobs, stats.entropy, stats.reverse_kl]
+    sum((o * g).sum() for o, g in zip(outputs, upstream)).backward()
+    expected_outputs, expected_grad_hidden, expected_grad_weight = _reference(case)
+    for actual, expected in zip(outputs, expected_outputs):
+        assert relative_error(actual.detach(), expected) <= RTOL
+    assert relative_error(student.grad, expected_grad_hidden) <= RTOL
+    assert relative_error(weight.grad, expected_grad_weight) <= RTOL
+
+
+def test_bf16_inputs_against_fp64_of_the_same_values():
+    """bf16 hidden states and weight (the GPU case): fp32 statistics, ∂z rounded to bf16."""
+    generator = torch.Generator().manual_seed(7)
+    num_tokens, hidden, vocab = 45, 48, 320
+    student = torch.randn(num_tokens, hidden, generator=generator).bfloat16()
+    teacher = (student.float() + 0.5 * torch.randn(num_tokens, hidden, generator=generator)).bfloat16()
+    weight = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).bfloat16()
+    targets = torch.randint(0, 300, (num_tokens,), generator=generator)
+    upstream = torch.randn(3, num_tokens, generator=generator)
+
+    for tp_rank in range(2):  # each shard of a TP2 split, as one rank would see it
+        shard = split_vocab_shard(weight, 2, tp_rank)
+        assert shard.shape[0] == vocab // 2
+    student_grad = student.clone().requires_grad_(True)
+    weight_grad = weight.clone().requires_grad_(True)
+    stats = vocab_parallel_token_stats(student_grad, weight_grad, targets, teacher, vocab_size=300,
+                                       temperature=0.9, backend="triton")
+    outputs = [stats.logprobs, stats.entropy, stats.reverse_kl]
+    assert all(o.dtype == torch.float32 for o in outputs)
+    sum((o * g).sum() for o, g in zip(outputs, upstream)).backward()
+    assert student_grad.grad.dtype == torch.bfloat16 and weight_grad.grad.dtype == torch.bfloat16
+
+    student64 = student.double().requires_grad_(True)
+    weight64 = weight.double().requires_grad_(True)
+    reference = naive_token_stats(student64, weight64, targets, teacher.double(), vocab_size=300, temperature=0.9)
+    expected = [reference.logprobs, reference.entropy, reference.reverse_kl]
+    sum((o * g.double()).sum() for o, g in zip(expected, upstream)).backward()
+    for actual, wanted in zip(outputs, expected):
+        assert relative_error(actual.detach(), wanted.detach()) <= 1e-5
+    # bf16 gradients: one rounding of ∂z and of the result, ~2⁻⁸ each.
+    assert relative_error(student_grad.grad, student64.grad) <= 1e-2
+    assert relative_error(weight_grad.grad, weight64.grad) <= 1e-2
+
+
+def test_backend_choice(monkeypatch):
+    cpu_bf16 = torch.zeros(2, 4, dtype=torch.bfloat16)
+    monkeypatch.delenv("SDPG_LOSS_BACKEND", raising=False)
+    assert resolve_backend("auto", cpu_bf16) == "torch"  # auto never picks the interpreter
+    assert resolve_backend("triton", cpu_bf16) == "triton"  # explicit, under the interpreter
+    monkeypatch.setenv("SDPG_LOSS_BACKEND", "torch")
+    assert resolve_backend("auto", cpu_bf16) == "torch"
+    assert resolve_backend("triton", cpu_bf16) == "triton"  # an explicit choice wins
+    monkeypatch.setenv("SDPG_LOSS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SDPG_LOSS_BACKEND must be one of"):
+        resolve_backend("auto", cpu_bf16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", cpu_bf16)
+    monkeypatch.setattr(triton_token_stats, "_INTERPRET", False)
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        resolve_backend("triton", cpu_bf16)
