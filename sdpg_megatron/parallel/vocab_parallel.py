@@ -25,16 +25,15 @@ teacher receives no gradient at all, not even through the shared W.
 Peak extra memory is O(chunk × V/tp); saved state is O(N) besides the inputs.
 
 Two implementations of the per-rank chunk body share everything else (merge, collectives,
-autograd): this torch loop — the default and the oracle — and the Triton kernels in
+autograd): this torch loop — the CPU path and the oracle — and the Triton kernels in
 `triton_token_stats.py`, chosen automatically for bf16/fp16 on a GPU (`backend="auto"`;
 `SDPG_LOSS_BACKEND=torch` or `model.loss_backend=torch` turns them off).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import os
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
