@@ -29,6 +29,7 @@ import datetime
 import json
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -103,8 +104,6 @@ def _empty_cache() -> None:
 
 
 def _wall_ms(fn) -> float:
-    import time
-
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3

@@ -55,6 +55,11 @@ class KernelConfig:
     def __str__(self) -> str:
         return f"M{self.block_m}N{self.block_n}K{self.block_k}w{self.num_warps}s{self.num_stages}g{self.group_m}"
 
+    def launch_options(self) -> dict:
+        """The tile constexprs and launch options both kernels take."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
 
 # Candidates timed once per shape on the GPU (the first call of a shape pays for it);
 # the interpreter runs the small one.
@@ -245,13 +250,9 @@ def local_partials(
 
     target_local: [N] int32, the target's row in this shard or −1 where another rank owns it.
     weight: [≥ valid_rows, H] rows of this shard, same dtype as the hidden states."""
-    with_teacher = teacher_hidden is not None
+    student_hidden, teacher, weight, with_teacher, ieee = _kernel_inputs(student_hidden, teacher_hidden, weight)
     num_tokens, hidden_size = student_hidden.shape
-    student_hidden = student_hidden.detach().contiguous()
-    teacher = teacher_hidden.detach().contiguous() if with_teacher else student_hidden
-    weight = weight.detach().contiguous()
     device = student_hidden.device
-    ieee = student_hidden.dtype == torch.float32 or _INTERPRET
 
     def launch(cfg: KernelConfig):
         splits, cols_per_split = _vocab_splits(num_tokens, valid_rows, cfg, device)
@@ -262,9 +263,7 @@ def local_partials(
             student_hidden, teacher, weight, target_local, maxima, partials,
             num_tokens, hidden_size, valid_rows, cols_per_split, splits, 1.0 / temperature,
             student_hidden.stride(0), weight.stride(0),
-            WITH_TEACHER=with_teacher, IEEE=ieee,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            WITH_TEACHER=with_teacher, IEEE=ieee, **cfg.launch_options(),
         )
         return maxima, partials
 
@@ -289,14 +288,10 @@ def grads(
 
     coefficients: [6, N] fp32 — log Z_s, log Z_t, g_H − g_KL, g_KL, the per-token constant,
     and the target's upstream gradient where this rank owns it (0 elsewhere)."""
-    with_teacher = teacher_hidden is not None
+    student_hidden, teacher, weight, with_teacher, ieee = _kernel_inputs(student_hidden, teacher_hidden, weight)
     num_tokens, hidden_size = student_hidden.shape
-    student_hidden = student_hidden.detach().contiguous()
-    teacher = teacher_hidden.detach().contiguous() if with_teacher else student_hidden
-    weight = weight.detach().contiguous()
     coefficients = coefficients.contiguous()
     device, dtype = student_hidden.device, student_hidden.dtype
-    ieee = dtype == torch.float32 or _INTERPRET
     grad_hidden = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=device)
     grad_weight = torch.zeros(shard_rows, hidden_size, dtype=dtype, device=device)
     if valid_rows == 0 or num_tokens == 0:
@@ -304,8 +299,8 @@ def grads(
 
     budget = block_bytes or _DZ_BYTES.get(device.type, _DZ_BYTES["cpu"])
     probe = config or (GPU_CONFIGS[0] if device.type == "cuda" else INTERPRETER_CONFIG)
-    block_cols = max(probe.block_n, budget // (num_tokens * student_hidden.element_size()))
-    block_cols = min(valid_rows, block_cols // 128 * 128 or probe.block_n)
+    tiles = max(1, budget // (num_tokens * student_hidden.element_size()) // probe.block_n)
+    block_cols = min(valid_rows, tiles * probe.block_n)
     dz_buffer = torch.empty(num_tokens, block_cols, dtype=dtype, device=device)
 
     def launch(cfg: KernelConfig, begin: int, end: int) -> torch.Tensor:
@@ -315,9 +310,7 @@ def grads(
             student_hidden, teacher, weight, target_local, coefficients, dz,
             num_tokens, hidden_size, begin, end, 1.0 / temperature,
             student_hidden.stride(0), weight.stride(0), dz.stride(0),
-            WITH_TEACHER=with_teacher, IEEE=ieee,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            WITH_TEACHER=with_teacher, IEEE=ieee, **cfg.launch_options(),
         )
         return dz
 
@@ -330,6 +323,17 @@ def grads(
         torch.mm(dz.t(), student_hidden, out=grad_weight[begin:end])
         _accumulate_fp32(grad_hidden, dz, weight[begin:end])
     return grad_hidden, grad_weight
+
+
+def _kernel_inputs(student_hidden, teacher_hidden, weight):
+    """Contiguous detached inputs, the teacher pointer (the student's when there is none:
+    the kernels then never read it), and whether the dots run in exact fp32 (fp32 inputs,
+    or the interpreter, whose bf16 dot is wrong)."""
+    student_hidden = student_hidden.detach().contiguous()
+    with_teacher = teacher_hidden is not None
+    teacher = teacher_hidden.detach().contiguous() if with_teacher else student_hidden
+    ieee = student_hidden.dtype == torch.float32 or _INTERPRET
+    return student_hidden, teacher, weight.detach().contiguous(), with_teacher, ieee
 
 
 _fused_accumulate = {"works": True}
