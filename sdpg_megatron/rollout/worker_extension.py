@@ -1,71 +1,152 @@
-"""Methods mixed into every vLLM worker (`worker_extension_cls`): staged weight pushes.
+"""vLLM worker side of the weight push: the `sdpg` weight-transfer engine.
 
-A push is a sequence of buckets (safetensors bytes, Hugging Face names) followed by a
-commit. Each bucket is checked against the engine's own checkpoint layout (names and
-shapes read from its safetensors headers) when it arrives and only staged; the live model
-is touched once, at commit, and only if the staged set is the complete model. A bad bucket
-therefore raises a clear error and leaves the engine serving its previous weights — vLLM's
-own loader would instead leave a half-loaded model and kill the engine.
+vLLM's weight-transfer API drives a push with four worker calls — `init_weight_transfer_engine`,
+`start_weight_update`, `update_weights` (once per bucket), `finish_weight_update` — and
+delegates each to the engine that `WeightTransferEngineFactory` built from the engine's
+`weight_transfer_config`. This module registers that engine under the name "sdpg"; vLLM
+imports it in every worker (it is the `worker_extension_cls`) before it loads the model,
+which is when the factory is asked.
 
-Two CPU-specific facts shape the commit: vLLM prepacks linear weights on CPU, so only
-`reload_weights` (which repacks) can update them; and with tied embeddings the prepacked
-`lm_head` must be repacked by hand after the embedding changes.
+The engine receives each bucket over the trainer↔engine group of `transfer.py`, checks it
+against the engine's own checkpoint layout (names and shapes read from its safetensors
+headers) and only stages it; the live model is touched once, at `finish_weight_update`, and
+only if the staged set is the complete model. A bad bucket therefore raises a clear error
+and leaves the engine serving its previous weights — loading bucket by bucket, as vLLM's
+NCCL engine does, would leave a half-updated model behind. The cost is one staged copy of
+the model on the engine while a push is in flight.
+
+Two CPU-specific facts shape the commit: vLLM prepacks linear weights on CPU, so only the
+in-place `reload_weights` path (which repacks) can update them; and with tied embeddings
+the prepacked `lm_head` must be repacked by hand after the embedding changes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from safetensors.torch import load as load_safetensors
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from sdpg_megatron.model.hf_io import HFCheckpoint, expected_hf_shapes
+from sdpg_megatron.rollout.transfer import BACKEND_NAME, GroupAddress, broadcast, open_group
 
 
-class SdpgWorkerExtension:
-    def _sdpg_expected(self) -> dict[str, tuple[int, ...]]:
-        if not hasattr(self, "_sdpg_shapes"):
-            arch = HFCheckpoint(self.model_config.model).arch
-            self._sdpg_shapes = expected_hf_shapes(arch)
-            self._sdpg_staged: dict[str, torch.Tensor] = {}
-        return self._sdpg_shapes
+@dataclass
+class SdpgInitInfo(WeightTransferInitInfo, GroupAddress):
+    pass
 
-    def sdpg_stage(self, payload: bytes) -> int:
-        """Validate one bucket and stage it; returns the number of staged tensors so far."""
-        expected = self._sdpg_expected()
+
+@dataclass
+class SdpgUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    shapes: list[list[int]]
+    dtype_name: str
+    numel: int  # length of the flat buffer the trainer broadcasts
+
+
+class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo]):
+    init_info_cls = SdpgInitInfo
+    update_info_cls = SdpgUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device, model):
+        super().__init__(config, vllm_config, device, model)
+        self.group = None
+        self.wire_device = torch.device("cpu")
+        self.expected = expected_hf_shapes(HFCheckpoint(self.model_config.model).arch)
+        self.staged: dict[str, torch.Tensor] = {}
+
+    def init_transfer_engine(self, init_info: SdpgInitInfo) -> None:
+        self.shutdown()
+        parallel = self.parallel_config
+        rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
+        self.group = open_group(init_info, rank)
+        self.wire_device = self.device if init_info.transport == "nccl" else torch.device("cpu")
+
+    def start_weight_update(self) -> None:
+        self.staged.clear()
+
+    def update_weights(self, update_info: dict) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which raises on CPU.
+        self.receive_weights(self.parse_update_info(update_info))
+        if self.wire_device.type != "cpu":
+            torch.accelerator.synchronize()
+
+    def receive_weights(self, update_info: SdpgUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("sdpg weight transfer: init_weight_transfer_engine was not called")
+        dtype = getattr(torch, update_info.dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            dtype = torch.uint8  # still receive the bytes, so the trainer's broadcast completes
+        flat = torch.empty(update_info.numel, dtype=dtype, device=self.wire_device)
+        broadcast(self.group, flat).wait()
         try:
-            tensors = load_safetensors(bytes(payload))
-        except Exception as error:  # safetensors raises its own error types
-            self._sdpg_staged.clear()
-            raise ValueError(f"weight bucket is truncated or corrupted: {error}") from None
-        problems = [f"unknown tensor {name!r}" for name in tensors if name not in expected]
+            self.staged.update(self._checked(update_info, flat))
+        except ValueError:
+            self.staged.clear()
+            raise
+
+    def _checked(self, info: SdpgUpdateInfo, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if not isinstance(getattr(torch, info.dtype_name, None), torch.dtype):
+            raise ValueError(f"weight bucket rejected, push discarded: unknown dtype {info.dtype_name!r}")
+        if len(info.names) != len(info.shapes):
+            raise ValueError(f"weight bucket rejected, push discarded: {len(info.names)} names but {len(info.shapes)} shapes")
+        shapes = [tuple(shape) for shape in info.shapes]
+        problems = [f"unknown tensor {name!r}" for name in info.names if name not in self.expected]
         problems += [
-            f"{name}: shape {tuple(t.shape)}, the engine's model has {expected[name]}"
-            for name, t in tensors.items() if name in expected and tuple(t.shape) != expected[name]
+            f"{name}: shape {shape}, the engine's model has {self.expected[name]}"
+            for name, shape in zip(info.names, shapes) if name in self.expected and shape != self.expected[name]
         ]
         if problems:
-            self._sdpg_staged.clear()
             raise ValueError("weight bucket rejected, push discarded: " + "; ".join(problems[:8]))
-        self._sdpg_staged.update(tensors)
-        return len(self._sdpg_staged)
+        sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+        if sum(sizes) != flat.numel():
+            raise ValueError(
+                f"weight bucket is truncated or corrupted: {flat.numel()} elements arrived, its "
+                f"{len(sizes)} tensors need {sum(sizes)}; push discarded"
+            )
+        return [(name, part.view(shape)) for name, part, shape in zip(info.names, flat.split(sizes), shapes)]
 
-    def sdpg_discard(self) -> None:
-        self._sdpg_expected()
-        self._sdpg_staged.clear()
+    def finish_weight_update(self) -> None:
+        """Load the staged model into the live one, or raise and keep the old weights."""
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
-    def sdpg_commit(self) -> int:
-        """Load the staged model into the live engine; returns the number of tensors."""
-        expected = self._sdpg_expected()
-        missing = sorted(set(expected) - set(self._sdpg_staged))
+        staged, self.staged = self.staged, {}
+        missing = sorted(set(self.expected) - set(staged))
         if missing:
-            self._sdpg_staged.clear()
             raise ValueError(f"incomplete weight push, {len(missing)} tensors missing (e.g. {missing[:4]}); discarded")
-        ordered = [(name, self._sdpg_staged[name]) for name in sorted(expected, key=_checkpoint_order)]
-        self._sdpg_staged = {}
-        self.reload_weights(weights_iterator=iter(ordered))
-        lm_head = getattr(self.model_runner.model, "lm_head", None)
+        ordered = [(name, staged[name]) for name in sorted(self.expected, key=_checkpoint_order)]
+        reload_weights(self.vllm_config, self.model, weights_iterator=iter(ordered), weights_path=None,
+                       is_checkpoint_format=True)
+        lm_head = getattr(self.model, "lm_head", None)
         quant_method = getattr(lm_head, "quant_method", None)
         if quant_method is not None and getattr(lm_head, "weight", None) is not None and lm_head.weight.numel():
             quant_method.process_weights_after_loading(lm_head)  # repack a tied lm_head
-        return len(ordered)
+
+    def abort(self) -> None:
+        self.staged.clear()
+
+    def shutdown(self) -> None:
+        self.staged.clear()
+        self.group = None  # the gloo / NCCL group closes when its last reference goes
+
+
+class SdpgWorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`)."""
+
+    def sdpg_abort_weight_update(self) -> None:
+        """Drop a push in flight (staged buckets and the worker's active flag), so the next
+        `start_weight_update` starts clean; the live weights are untouched."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        if engine is not None:
+            engine.abort()
+            engine.reset_weight_update_target()
+        self._weight_update_active = False
 
 
 def _checkpoint_order(name: str) -> tuple[int, str]:
@@ -74,3 +155,9 @@ def _checkpoint_order(name: str) -> tuple[int, str]:
     if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
         return int(parts[2]), name
     return (-1 if "embed_tokens" in name else 1 << 30), name
+
+
+try:
+    WeightTransferEngineFactory.register_engine(BACKEND_NAME, SdpgWeightTransferEngine)
+except ValueError:  # already registered: this module was imported before in this process
+    pass

@@ -1,0 +1,90 @@
+"""The wire between the trainer and the engines' vLLM workers, for weight pushes.
+
+Each engine gets its own process group: rank 0 is the trainer's driver, ranks 1..k the
+engine's k tensor-parallel workers. A bucket travels as one flat buffer broadcast from
+rank 0; the metadata that describes it (names, shapes, dtype, length) goes ahead of it as
+the `update_info` of vLLM's `update_weights` call, so the receiver sizes its buffer from
+the metadata alone and always completes the broadcast, even for a bucket it then rejects.
+
+The groups are built from a TCPStore of their own and never touch `torch.distributed`'s
+default group, which on the trainer is Megatron's and in a worker is vLLM's. Backend
+"gloo" moves CPU (and CUDA) tensors over TCP; "nccl" is the GPU path. One group per engine
+means a restarted engine rejoins without disturbing the others.
+
+The worker end is `SdpgWeightTransferEngine` in `worker_extension.py`, registered with
+vLLM's `WeightTransferEngineFactory`.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+BACKEND_NAME = "sdpg"  # the key under which the worker engine is registered with vLLM
+TRANSPORTS = ("gloo", "nccl")
+
+
+@dataclass
+class GroupAddress:
+    """Where one engine's weight group meets; sent to the workers as their init info."""
+
+    host: str
+    port: int
+    world_size: int  # 1 trainer rank + the engine's workers
+    transport: str = "gloo"
+    timeout_s: float = 300.0
+    rank_offset: int = 1  # a worker's rank is rank_offset + its rank inside the engine
+
+
+def open_group(address: GroupAddress, rank: int, store: dist.Store | None = None) -> dist.ProcessGroup:
+    """Join the group at `address` as `rank` (blocks until every rank has joined)."""
+    if address.transport not in TRANSPORTS:
+        raise ValueError(f"weight transport {address.transport!r} is not one of {TRANSPORTS}")
+    timeout = timedelta(seconds=address.timeout_s)
+    if store is None:
+        store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False, timeout=timeout)
+    store = dist.PrefixStore("sdpg-weights", store)
+    if address.transport == "gloo":
+        return dist.ProcessGroupGloo(store, rank, address.world_size, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, address.world_size, options)
+
+
+def listen(world_size: int, transport: str, timeout_s: float) -> tuple[GroupAddress, dist.TCPStore]:
+    """The trainer's end: a store on a free port of this host, and the address to hand out."""
+    host = _host_address()
+    store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return GroupAddress(host, store.port, world_size, transport, timeout_s), store
+
+
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> dist.Work:
+    """Asynchronous broadcast from rank 0 of `group` (wait() on the result)."""
+    return group.broadcast([tensor], dist.BroadcastOptions())
+
+
+def update_info(names: list[str], shapes: list[tuple[int, ...]], flat: torch.Tensor) -> dict:
+    """The metadata of one bucket, as vLLM's `update_weights` carries it (plain data)."""
+    return {
+        "names": list(names),
+        "shapes": [list(shape) for shape in shapes],
+        "dtype_name": str(flat.dtype).removeprefix("torch."),
+        "numel": int(flat.numel()),
+    }
+
+
+def _host_address() -> str:
+    """This node's address as the engines (possibly on other nodes) can reach it."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
