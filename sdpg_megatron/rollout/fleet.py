@@ -74,7 +74,8 @@ class RolloutFleet:
         ray.get(self.placement_group.ready(), timeout=600)
         self.version = 0
         self._weights: list[ray.ObjectRef] = []  # the last committed push, for restarts
-        self._links: dict[int, object] = {}  # engine index → its weight group (rank 0 is us)
+        # engine index → its weight group (rank 0 is this process) and the group's store
+        self._links: dict[int, tuple[transfer.dist.ProcessGroup, transfer.dist.TCPStore]] = {}
         self.engines = [None] * settings.num_engines
         started = time.perf_counter()
         handles = [self._start(i) for i in range(settings.num_engines)]
