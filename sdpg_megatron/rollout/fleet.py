@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import ray
+import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -75,7 +76,7 @@ class RolloutFleet:
         self.version = 0
         self._weights: list[ray.ObjectRef] = []  # the last committed push, for restarts
         # engine index → its weight group (rank 0 is this process) and the group's store
-        self._links: dict[int, tuple[transfer.dist.ProcessGroup, transfer.dist.TCPStore]] = {}
+        self._links: dict[int, tuple[dist.ProcessGroup, dist.TCPStore]] = {}
         self.engines = [None] * settings.num_engines
         started = time.perf_counter()
         handles = [self._start(i) for i in range(settings.num_engines)]
