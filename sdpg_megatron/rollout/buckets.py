@@ -10,7 +10,6 @@ as it arrives; so a trainer rank holds at most one bucket plus one gathered tens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -19,41 +18,7 @@ import torch.distributed as dist
 from sdpg_megatron.model.hf_mapping import find_rule, global_name, layer_offset, tp_gather, to_hf
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.groups import ParallelGroups
-
-
-@dataclass
-class WeightBucket:
-    """Several HF tensors of one dtype, packed into one contiguous buffer."""
-
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    dtype: torch.dtype
-    flat: torch.Tensor  # 1-D, numel = Σ prod(shape)
-
-    @staticmethod
-    def pack(tensors: list[tuple[str, torch.Tensor]]) -> "WeightBucket":
-        dtypes = {tensor.dtype for _, tensor in tensors}
-        if len(dtypes) != 1:
-            raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
-        flat = torch.cat([tensor.detach().reshape(-1).cpu() for _, tensor in tensors])
-        return WeightBucket([n for n, _ in tensors], [tuple(t.shape) for _, t in tensors], dtypes.pop(), flat)
-
-    def unpack(self) -> list[tuple[str, torch.Tensor]]:
-        """The tensors, as views of `flat`; ValueError if the buffer is not their size."""
-        sizes = [int(torch.Size(shape).numel()) for shape in self.shapes]
-        if len(self.names) != len(self.shapes):
-            raise ValueError(f"bucket has {len(self.names)} names but {len(self.shapes)} shapes")
-        if self.flat.dim() != 1 or self.flat.numel() != sum(sizes) or self.flat.dtype != self.dtype:
-            raise ValueError(
-                f"bucket buffer has {self.flat.numel()} {self.flat.dtype} elements, its "
-                f"{len(self.names)} tensors need {sum(sizes)} {self.dtype} (truncated or corrupted push)"
-            )
-        parts = self.flat.split(sizes)
-        return [(name, part.view(shape)) for name, part, shape in zip(self.names, parts, self.shapes)]
-
-    @property
-    def num_bytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+from sdpg_megatron.rollout.transfer import WeightBucket
 
 
 def hf_buckets(

@@ -172,7 +172,7 @@ class RolloutFleet:
 
     def _send(self, bucket: WeightBucket, indices: Sequence[int]) -> None:
         """One bucket to engines `indices`: metadata through `update_weights`, bytes by broadcast."""
-        info = transfer.update_info(bucket.names, bucket.shapes, bucket.flat)
+        info = transfer.update_info(bucket)
         wire = bucket.flat.cuda() if self.settings.weight_transport == "nccl" else bucket.flat
         receiving = [self.engines[i].update_weights.remote(info) for i in indices]
         sending = {i: transfer.broadcast(self._links[i][0], wire) for i in indices}  # all at once

@@ -5,6 +5,7 @@ engine's k tensor-parallel workers. A bucket travels as one flat buffer broadcas
 rank 0; the metadata that describes it (names, shapes, dtype, length) goes ahead of it as
 the `update_info` of vLLM's `update_weights` call, so the receiver sizes its buffer from
 the metadata alone and always completes the broadcast, even for a bucket it then rejects.
+`WeightBucket` is that unit on both ends.
 
 The groups are built from a TCPStore of their own and never touch `torch.distributed`'s
 default group, which on the trainer is Megatron's and in a worker is vLLM's. Backend
@@ -40,6 +41,41 @@ class GroupAddress:
     rank_offset: int = 1  # a worker's rank is rank_offset + its rank inside the engine
 
 
+@dataclass
+class WeightBucket:
+    """Several HF tensors of one dtype, packed into one contiguous buffer."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtype: torch.dtype
+    flat: torch.Tensor  # 1-D, numel = Σ prod(shape)
+
+    @staticmethod
+    def pack(tensors: list[tuple[str, torch.Tensor]]) -> "WeightBucket":
+        dtypes = {tensor.dtype for _, tensor in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
+        flat = torch.cat([tensor.detach().reshape(-1).cpu() for _, tensor in tensors])
+        return WeightBucket([n for n, _ in tensors], [tuple(t.shape) for _, t in tensors], dtypes.pop(), flat)
+
+    def unpack(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors, as views of `flat`; ValueError if the buffer is not their size."""
+        sizes = [int(torch.Size(shape).numel()) for shape in self.shapes]
+        if len(self.names) != len(self.shapes):
+            raise ValueError(f"bucket has {len(self.names)} names but {len(self.shapes)} shapes")
+        if self.flat.dim() != 1 or self.flat.numel() != sum(sizes) or self.flat.dtype != self.dtype:
+            raise ValueError(
+                f"bucket buffer has {self.flat.numel()} {self.flat.dtype} elements, its "
+                f"{len(self.names)} tensors need {sum(sizes)} {self.dtype} (truncated or corrupted push)"
+            )
+        parts = self.flat.split(sizes)
+        return [(name, part.view(shape)) for name, part, shape in zip(self.names, parts, self.shapes)]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+
 def open_group(address: GroupAddress, rank: int, store: dist.Store | None = None) -> dist.ProcessGroup:
     """Join the group at `address` as `rank` (blocks until every rank has joined)."""
     if address.transport not in TRANSPORTS:
@@ -68,13 +104,13 @@ def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> dist.Work:
     return group.broadcast([tensor], dist.BroadcastOptions())
 
 
-def update_info(names: list[str], shapes: list[tuple[int, ...]], flat: torch.Tensor) -> dict:
+def update_info(bucket: WeightBucket) -> dict:
     """The metadata of one bucket, as vLLM's `update_weights` carries it (plain data)."""
     return {
-        "names": list(names),
-        "shapes": [list(shape) for shape in shapes],
-        "dtype_name": str(flat.dtype).removeprefix("torch."),
-        "numel": int(flat.numel()),
+        "names": list(bucket.names),
+        "shapes": [list(shape) for shape in bucket.shapes],
+        "dtype_name": str(bucket.flat.dtype).removeprefix("torch."),
+        "numel": int(bucket.flat.numel()),
     }
 
 

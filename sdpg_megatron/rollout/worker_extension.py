@@ -33,7 +33,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from sdpg_megatron.model.hf_io import HFCheckpoint, expected_hf_shapes
-from sdpg_megatron.rollout.transfer import BACKEND_NAME, GroupAddress, broadcast, open_group
+from sdpg_megatron.rollout.transfer import BACKEND_NAME, GroupAddress, WeightBucket, broadcast, open_group
 
 
 @dataclass
@@ -81,8 +81,9 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
         if self.group is None:
             raise RuntimeError("sdpg weight transfer: init_weight_transfer_engine was not called")
         dtype = getattr(torch, update_info.dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
-            dtype = torch.uint8  # still receive the bytes, so the trainer's broadcast completes
+        if not isinstance(dtype, torch.dtype):  # the trainer's torch has a dtype this one lacks
+            self.staged.clear()
+            raise ValueError(f"weight bucket rejected, push discarded: unknown dtype {update_info.dtype_name!r}")
         flat = torch.empty(update_info.numel, dtype=dtype, device=self.wire_device)
         broadcast(self.group, flat).wait()
         try:
@@ -92,10 +93,6 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
             raise
 
     def _checked(self, info: SdpgUpdateInfo, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if not isinstance(getattr(torch, info.dtype_name, None), torch.dtype):
-            raise ValueError(f"weight bucket rejected, push discarded: unknown dtype {info.dtype_name!r}")
-        if len(info.names) != len(info.shapes):
-            raise ValueError(f"weight bucket rejected, push discarded: {len(info.names)} names but {len(info.shapes)} shapes")
         shapes = [tuple(shape) for shape in info.shapes]
         problems = [f"unknown tensor {name!r}" for name in info.names if name not in self.expected]
         problems += [
@@ -104,13 +101,7 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
         ]
         if problems:
             raise ValueError("weight bucket rejected, push discarded: " + "; ".join(problems[:8]))
-        sizes = [int(torch.Size(shape).numel()) for shape in shapes]
-        if sum(sizes) != flat.numel():
-            raise ValueError(
-                f"weight bucket is truncated or corrupted: {flat.numel()} elements arrived, its "
-                f"{len(sizes)} tensors need {sum(sizes)}; push discarded"
-            )
-        return [(name, part.view(shape)) for name, part, shape in zip(info.names, flat.split(sizes), shapes)]
+        return WeightBucket(list(info.names), shapes, flat.dtype, flat).unpack()  # checks the length
 
     def finish_weight_update(self) -> None:
         """Load the staged model into the live one, or raise and keep the old weights."""
