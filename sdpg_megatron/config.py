@@ -15,6 +15,7 @@ AnchorKind = Literal["none", "urkl", "ufkl", "fkl", "rkl"]
 GateKind = Literal["none", "positive_advantage"]
 BetaSchedule = Literal["warmup_decay", "constant"]
 AdvantageReweighting = Literal["none", "rlsd"]
+WeightTransport = Literal["gloo", "nccl"]  # trainer → engine wire of a weight push
 
 
 @dataclass(kw_only=True)
@@ -134,7 +135,7 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     max_restarts: int = 2
     bucket_bytes: int = 256 * 2**20  # weight-push bucket size: a trainer rank's peak extra memory
-    weight_transport: str = "gloo"  # trainer → engine wire of the push: "gloo" (CPU or GPU) or "nccl" (GPU)
+    weight_transport: WeightTransport = "gloo"  # "gloo" (CPU or GPU engines) or "nccl" (GPU engines)
     weight_sync_timeout_s: float = 300.0  # joining a weight group; each bucket's broadcast
     ray_address: str | None = None  # None: a local Ray instance; "auto" or host:port on Slurm
 
@@ -441,7 +442,7 @@ def _validate_rollout(c: RolloutConfig) -> None:
     _require(0 < c.top_p <= 1, p + "top_p", "must be in (0, 1]")
     _require(c.bucket_bytes >= 2**20, p + "bucket_bytes", "must be >= 1 MiB")
     _require(c.request_timeout_s > 0, p + "request_timeout_s", "must be > 0")
-    _require(c.weight_transport in ("gloo", "nccl"), p + "weight_transport",
+    _require(c.weight_transport in get_args(WeightTransport), p + "weight_transport",
              f"must be 'gloo' or 'nccl', got {c.weight_transport!r}")
     _require(c.weight_transport != "nccl" or c.gpus_per_engine > 0, p + "weight_transport",
              "'nccl' needs GPU engines (rollout.gpus_per_engine > 0); use 'gloo' on CPU")

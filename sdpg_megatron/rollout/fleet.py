@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sdpg_megatron.config import WeightTransport
 from sdpg_megatron.rollout import transfer
 from sdpg_megatron.rollout.buckets import WeightBucket
 from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings, VLLMEngine
@@ -60,7 +61,7 @@ class FleetSettings:
     max_restarts: int = 2  # per engine per batch
     ray_address: str | None = None  # None: a local Ray instance
     name: str = "sdpg"  # engines are the named actors NAME-engine-0, NAME-engine-1, ...
-    weight_transport: str = "gloo"  # trainer → engine wire: "gloo" (CPU or GPU) or "nccl" (GPU)
+    weight_transport: WeightTransport = "gloo"  # "gloo" (CPU or GPU engines) or "nccl" (GPU engines)
     weight_sync_timeout_s: float = 300.0  # joining a weight group, and each bucket's broadcast
 
 
@@ -150,7 +151,6 @@ class RolloutFleet:
 
     def _connect(self, index: int) -> None:
         """Open the weight group between this process (rank 0) and engine `index`'s workers."""
-        self._links.pop(index, None)
         s = self.settings
         address, store = transfer.listen(1 + s.engine.tensor_parallel, s.weight_transport, s.weight_sync_timeout_s)
         # Both ends block until the group is complete: join from a side thread while the

@@ -21,12 +21,15 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 
+from sdpg_megatron.config import WeightTransport
+
 BACKEND_NAME = "sdpg"  # the key under which the worker engine is registered with vLLM
-TRANSPORTS = ("gloo", "nccl")
+TRANSPORTS = get_args(WeightTransport)
 
 
 @dataclass
@@ -36,7 +39,7 @@ class GroupAddress:
     host: str
     port: int
     world_size: int  # 1 trainer rank + the engine's workers
-    transport: str = "gloo"
+    transport: WeightTransport = "gloo"
     timeout_s: float = 300.0
     rank_offset: int = 1  # a worker's rank is rank_offset + its rank inside the engine
 
