@@ -14,6 +14,7 @@ by the main run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -96,6 +97,75 @@ def test_several_splits_and_gradient_blocks(monkeypatch):
         assert relative_error(actual.detach(), expected) <= RTOL
     assert relative_error(student.grad, expected_grad_hidden) <= RTOL
     assert relative_error(weight.grad, expected_grad_weight) <= RTOL
+
+
+def test_tma_descriptors_and_flattened_forward_loop(monkeypatch):
+    """The TMA configurations: operand tiles through tensor descriptors, which read zeros
+    past the tensors' edges instead of masking (ragged tokens, hidden sizes and padded
+    shards in CASES), and the forward's loop nest flattened."""
+    tma_config = dataclasses.replace(triton_token_stats.INTERPRETER_CONFIG, tma=True, flatten=True)
+    monkeypatch.setattr(triton_token_stats, "INTERPRETER_CONFIG", tma_config)
+    monkeypatch.setattr(triton_token_stats, "_chosen", {})
+    made = []
+    original = triton_token_stats.TensorDescriptor.from_tensor
+
+    def counting(tensor, block_shape):
+        made.append(tuple(block_shape))
+        return original(tensor, block_shape)
+
+    monkeypatch.setattr(triton_token_stats.TensorDescriptor, "from_tensor", counting)
+    results = [_distributed_stats(0, 1, "triton")]
+    for case in CASES:
+        assert_matches_reference(1, results, case)
+    assert (tma_config.block_n, tma_config.block_k) in made and (tma_config.block_m, tma_config.block_k) in made
+    assert set(triton_token_stats._chosen.values()) == {tma_config}
+
+
+def test_tma_needs_aligned_row_major_inputs():
+    aligned = torch.zeros(8, 16, dtype=torch.bfloat16)
+    assert triton_token_stats.tma_supported(aligned, aligned[:4])
+    assert not triton_token_stats.tma_supported(aligned, torch.zeros(8, 3, dtype=torch.bfloat16))  # 6-byte rows
+    assert not triton_token_stats.tma_supported(aligned, aligned.t())  # column-major
+    assert not triton_token_stats.tma_supported(aligned, aligned[:0])  # an all-padding shard
+    assert not triton_token_stats.tma_supported(torch.zeros(129, dtype=torch.bfloat16)[1:].view(8, 16))  # 2-byte offset
+    tma_config = dataclasses.replace(triton_token_stats.INTERPRETER_CONFIG, tma=True)
+    odd = torch.zeros(8, 3)
+    with pytest.raises(ValueError, match="uses TMA"):
+        triton_token_stats.local_partials(odd, None, torch.zeros(5, 3), torch.zeros(8, dtype=torch.int32), 5, 1.0,
+                                          config=tma_config)
+
+
+def test_the_tuner_drops_a_configuration_that_disagrees(monkeypatch):
+    """On a GPU the tuner times every candidate, then checks its pick against the first
+    configuration that ran; a wrong result (a miscompiled candidate) is passed over."""
+    configs = triton_token_stats.GPU_CONFIGS[:4]
+    times = {configs[0]: 3.0, configs[1]: 1.0, configs[2]: 2.0}  # configs[3] fails to compile
+    outputs = {configs[0]: torch.tensor([1.0, float("-inf")]), configs[1]: torch.tensor([1.5, float("-inf")]),
+               configs[2]: torch.tensor([1.0 + 1e-7, float("-inf")])}
+    current = {}
+
+    def launch(cfg):
+        if cfg == configs[3]:
+            raise RuntimeError("out of shared memory")
+        current["cfg"] = cfg
+        return outputs[cfg]
+
+    def fake_bench(fn, **_):
+        fn()
+        return times[current["cfg"]]
+
+    monkeypatch.setattr(triton_token_stats.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton_token_stats, "_tuning", {})
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        chosen = triton_token_stats._fastest_agreeing(("test",), launch, list(configs), lambda out: out)
+    assert chosen == configs[2]  # the fastest, configs[1], is wrong; equal infinities agree
+    report = triton_token_stats.tuning_report()["test"]
+    assert set(report["disagreed"]) == {str(configs[1])} and set(report["failed"]) == {str(configs[3])}
+    assert report["ms"] == {str(c): t for c, t in times.items()}
+
+    outputs[configs[2]] = torch.tensor([float("nan"), float("-inf")])
+    with pytest.warns(RuntimeWarning):
+        assert triton_token_stats._fastest_agreeing(("test",), launch, list(configs), lambda out: out) == configs[0]
 
 
 def test_bf16_inputs_against_fp64_of_the_same_values():

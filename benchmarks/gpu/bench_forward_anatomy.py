@@ -30,8 +30,9 @@ from sdpg_megatron.parallel.triton_token_stats import _grouped_program, _logit_t
 
 @triton.jit
 def _loop_only_kernel(
-    hs_ptr, ht_ptr, w_ptr, out_ptr, num_tokens, hidden_size, valid_rows, cols_per_split, num_splits,
+    hs, ht, w, out_ptr, num_tokens, hidden_size, valid_rows, cols_per_split, num_splits,
     stride_h, stride_w,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, split = _grouped_program(tl.cdiv(num_tokens, BLOCK_M), num_splits, GROUP_M)
@@ -40,10 +41,10 @@ def _loop_only_kernel(
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, valid_rows)
     total = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(col_begin, col_end, BLOCK_N):
+    for n0 in tl.range(col_begin, col_end, BLOCK_N, flatten=FLATTEN):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc_s, acc_t = _logit_tiles(hs_ptr, ht_ptr, w_ptr, offs_m, offs_n, mask_m, offs_n < col_end, hidden_size,
-                                    stride_h, stride_w, True, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_s, acc_t = _logit_tiles(hs, ht, w, pid_m * BLOCK_M, n0, offs_m, offs_n, mask_m, offs_n < col_end,
+                                    hidden_size, stride_h, stride_w, True, False, TMA, BLOCK_M, BLOCK_N, BLOCK_K)
         total += tl.sum(acc_s + acc_t, axis=1)
     tl.store(out_ptr + split * num_tokens + offs_m, total, mask=mask_m)
 
@@ -70,15 +71,14 @@ def main() -> None:
               "configs": {}}
     tts.local_partials(hs, ht, w, targets, v, 1.0)  # tunes and picks the kernel's configuration
     chosen = next(iter(tts._chosen.values()))
-    for cfg in tts.GPU_CONFIGS:
+    for cfg in [c for c in tts.GPU_CONFIGS if (c.block_m, c.block_n) == (128, 128)]:  # the contenders
         splits, cols = tts._vocab_splits(n, v, cfg, hs.device)
         out = torch.empty(splits, n, device="cuda")
         grid = (triton.cdiv(n, cfg.block_m) * splits,)
 
         def loop(cfg=cfg, splits=splits, cols=cols, out=out, grid=grid):
-            _loop_only_kernel[grid](hs, ht, w, out, n, h, v, cols, splits, hs.stride(0), w.stride(0),
-                                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                    GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _loop_only_kernel[grid](*tts._operands(cfg, hs, ht, w), out, n, h, v, cols, splits, hs.stride(0),
+                                    w.stride(0), FLATTEN=cfg.flatten, **cfg.launch_options())
 
         try:
             loop_ms = bench(loop)

@@ -36,8 +36,8 @@ part() {  # part NAME SECONDS COMMAND...
 PARTS=${PARTS:-fused_tp1 fused_tp2 train_step anatomy}
 for name in $PARTS; do
     case $name in
-        fused_tp1) part fused_tp1 ${TP1_S:-190} "$PYTHON" benchmarks/gpu/bench_fused_loss.py --tp 1 --out "$OUT/fused_tp1.json" ;;
-        fused_tp2) part fused_tp2 ${TP2_S:-130} "$PYTHON" benchmarks/gpu/bench_fused_loss.py --tp 2 --out "$OUT/fused_tp2.json" ;;
+        fused_tp1) part fused_tp1 ${TP1_S:-240} "$PYTHON" benchmarks/gpu/bench_fused_loss.py --tp 1 --out "$OUT/fused_tp1.json" ;;
+        fused_tp2) part fused_tp2 ${TP2_S:-180} "$PYTHON" benchmarks/gpu/bench_fused_loss.py --tp 2 --out "$OUT/fused_tp2.json" ;;
         train_step) part train_step ${STEP_S:-140} "$PYTHON" benchmarks/gpu/bench_train_step.py --out "$OUT/train_step.json" ;;
         anatomy) part anatomy ${ANATOMY_S:-120} "$PYTHON" benchmarks/gpu/bench_forward_anatomy.py --out "$OUT/anatomy.json" ;;
         *) echo "unknown part $name (fused_tp1 fused_tp2 train_step anatomy)" >&2; exit 2 ;;

@@ -44,6 +44,12 @@ def fused_table(report: dict) -> list[str]:
         lines += ["", "Triton vs the torch oracle (4096 tokens, same bf16 inputs), relative error: " + ", ".join(
             f"{k} {v:.1e}" for k, v in agreement.items() if isinstance(v, float))
             + f"; within bounds: {agreement.get('within_bounds')}"]
+    precision = report.get("precision_4096_tokens", {})
+    if precision and "error" not in precision:
+        lines += ["", "Mean KL(p ‖ SG q) from the same bf16 inputs vs the fp32 torch path (4096 tokens), "
+                  "relative error of loss / ∂h / ∂W: " + "; ".join(
+                      f"{name} {r['loss']:.1e} / {r['grad_hidden']:.1e} / {r['grad_weight']:.1e}"
+                      if "error" not in r else f"{name}: {r['error'][:60]}" for name, r in precision.items())]
     split = [f"{name} forward {methods[name]['forward_ms']:.1f} ms of {methods[name]['ms']:.1f}"
              for name in ("triton", "torch") if "forward_ms" in methods.get(name, {})]
     if split:
@@ -52,6 +58,20 @@ def fused_table(report: dict) -> list[str]:
         lines += ["", f"Triton vs torch: {agreement['error']}"]
     if report.get("triton_configs"):
         lines += ["", "Tuned configurations: " + "; ".join(f"{k}: {v}" for k, v in report["triton_configs"].items())]
+    for key, tuning in report.get("triton_tuning", {}).items():
+        lines += ["", *tuning_lines(key, tuning)]
+    return lines
+
+
+def tuning_lines(key: str, tuning: dict) -> list[str]:
+    """The tuner's timings of every candidate for one shape, fastest first."""
+    timed = sorted(tuning["ms"].items(), key=lambda item: item[1])
+    lines = [f"Tuner, {key}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in timed) + " ms"]
+    if tuning.get("failed"):
+        lines.append("  failed: " + "; ".join(f"{name} ({error[:80]})" for name, error in tuning["failed"].items()))
+    if tuning.get("disagreed"):
+        lines.append("  disagreed with the reference: " + ", ".join(
+            f"{name} ({error:.1e})" for name, error in tuning["disagreed"].items()))
     return lines
 
 
