@@ -16,6 +16,7 @@ GateKind = Literal["none", "positive_advantage"]
 BetaSchedule = Literal["warmup_decay", "constant"]
 AdvantageReweighting = Literal["none", "rlsd"]
 WeightTransport = Literal["gloo", "nccl"]  # trainer → engine wire of a weight push
+Recompute = Literal["none", "selective", "full"]  # activation recomputation of the training pass
 
 
 @dataclass(kw_only=True)
@@ -106,6 +107,15 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # Activation recomputation in the policy's training pass (Megatron's --recompute-*):
+    # "full" keeps only the input of each unit of layers and re-runs the unit in backward:
+    # with "uniform" every recompute_num_layers layers form a unit, with "block" only the
+    # first recompute_num_layers layers of each pipeline stage are recomputed, one at a time.
+    # "selective" recomputes core attention only; it saves memory only where attention is
+    # unfused (local spec, fp32). Forward-only passes (teacher, π_ref) never store activations.
+    recompute_granularity: Recompute = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1
 
 
 @dataclass(kw_only=True)
@@ -422,6 +432,11 @@ def _validate_model(c: ModelConfig) -> None:
 def _validate_parallel(c: ParallelConfig) -> None:
     _require(c.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
     _require(c.pipeline_parallel >= 1, "parallel.pipeline_parallel", "must be >= 1")
+    _require(c.recompute_granularity in get_args(Recompute), "parallel.recompute_granularity",
+             f"must be one of {get_args(Recompute)}, got {c.recompute_granularity!r}")
+    _require(c.recompute_method in ("uniform", "block"), "parallel.recompute_method",
+             f"must be 'uniform' or 'block', got {c.recompute_method!r}")
+    _require(c.recompute_num_layers >= 1, "parallel.recompute_num_layers", f"must be >= 1, got {c.recompute_num_layers}")
 
 
 def _validate_data(c: DataConfig) -> None:

@@ -18,8 +18,8 @@ pipeline stage i with P_i parameters (its TP shard; norms replicated):
                    distributed optimizer;
 - reference        P_i · e for the frozen π_ref when the algorithm uses it;
 - activations      one training micro-batch of b = micro_batch_size sequences of
-                   s = max_prompt_tokens + max_response_tokens tokens, no recomputation,
-                   no sequence parallelism (`transformer_config` leaves both off), per layer
+                   s = max_prompt_tokens + max_response_tokens tokens, no sequence
+                   parallelism (`transformer_config` leaves it off); without recomputation, per layer
                        e · s · b · (4h + (4·a·d + 4·g·d + 5·f) / tp)
                    for a Transformer-Engine layer: the block input and normalised input
                    of both the attention and the MLP (4h, replicated over TP); the fused
@@ -33,7 +33,14 @@ pipeline stage i with P_i parameters (its TP shard; norms replicated):
                    inputs, so fp32 params add Korthikanti's unfused-attention term
                    5·a·s²·b/tp · e/2. Stage i of the 1F1B schedule holds
                    min(pp − i, micro-batches) micro-batches of its layers, so the first
-                   stage holds the most, and PP does not shrink it (layers/pp × pp);
+                   stage holds the most, and PP does not shrink it (layers/pp × pp).
+                   With parallel.recompute_granularity=full a unit of layers keeps only
+                   its input (e·s·b·h): "uniform" units of k = recompute_num_layers layers,
+                   plus one unit re-materialised (k layers' count) during its backward;
+                   "block" recomputes the first k layers of the stage one at a time, the
+                   rest keep their count, plus one layer re-materialised. "selective"
+                   (core attention) drops the unfused-attention term from every layer and
+                   adds it back for the one layer being recomputed;
 - teacher states   last stage: the teacher's final hidden states at the response
                    positions of the whole mini-batch slice of this DP rank,
                    samples_per_rank · max_response_tokens · h · e (held from the teacher
@@ -58,7 +65,7 @@ from dataclasses import dataclass
 
 from sdpg_megatron.config import Config, validate
 from sdpg_megatron.experience import padded_length
-from sdpg_megatron.model.provider import check_layout, divisors, resolve_padded_vocab
+from sdpg_megatron.model.provider import check_layout, check_recompute, divisors, resolve_padded_vocab
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.vocab_parallel import _CHUNK_BYTES
 
@@ -146,6 +153,7 @@ class Layout:
     group_size: int
     minibatches_per_step: int
     micro_batch_size: int
+    recompute: str  # activation recomputation of the training pass, in words
     memory_per_stage: tuple[MemoryEstimate, ...]
     gpu_memory_bytes: int
     rollout: RolloutEstimate
@@ -218,7 +226,7 @@ class Layout:
             f"{self.prompts_per_step * self.group_size} samples per step in {self.minibatches_per_step} "
             f"mini-batches of {self.samples_per_minibatch}",
             f"  per DP rank {self.samples_per_rank} samples per mini-batch = {self.micro_batches_per_minibatch} "
-            f"micro-batches of {self.micro_batch_size}",
+            f"micro-batches of {self.micro_batch_size}; activation recomputation: {self.recompute}",
         ]
         # the first stage holds the most activations, the last the teacher states and the
         # loss; stages between hold less than the first
@@ -274,6 +282,8 @@ def plan_layout(
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     _check_world(world_size, tp, pp, gpus_per_node)
     check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp)  # Megatron's own requirements
+    check_recompute(arch, pipeline_parallel=pp, granularity=par.recompute_granularity, method=par.recompute_method,
+                    num_layers=par.recompute_num_layers)
     padded = resolve_padded_vocab(arch, tp, padded_vocab)
     dp = world_size // (tp * pp)
     _check_batch(config, dp, pp)
@@ -299,7 +309,7 @@ def plan_layout(
         max_prompt_tokens=config.data.max_prompt_tokens, max_response_tokens=config.rollout.max_response_tokens,
         prompts_per_step=sched.prompts_per_step, group_size=config.algorithm.group_size,
         minibatches_per_step=sched.minibatches_per_step, micro_batch_size=sched.micro_batch_size,
-        memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
+        recompute=_describe_recompute(par), memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
         rollout=_rollout_estimate(config, arch, gpu_memory_bytes, sequence_length), rollout_gpus=rollout_gpus,
     )
     if not allow_overflow:
@@ -341,6 +351,36 @@ def activation_bytes_per_layer(arch: Qwen3Arch, *, tp: int, sequence_length: int
     if not flash_attention:
         saved += 5 * a * s * s * b // tp * bytes_per_value // 2
     return saved
+
+
+def _describe_recompute(parallel) -> str:
+    if parallel.recompute_granularity == "none":
+        return "none"
+    if parallel.recompute_granularity == "selective":
+        return "selective (core attention)"
+    k = parallel.recompute_num_layers
+    if parallel.recompute_method == "uniform":
+        return f"full, uniform units of {k} layer{'s' if k > 1 else ''}"
+    return f"full, the first {k} layer{'s' if k > 1 else ''} of each stage"
+
+
+def activation_bytes(arch: Qwen3Arch, parallel, *, sequence_length: int, micro_batch_size: int, bytes_per_value: int,
+                     flash_attention: bool, in_flight: int) -> int:
+    """Bytes a pipeline stage keeps for backward with `in_flight` micro-batches in flight,
+    under `parallel`'s recompute_* settings (module docstring)."""
+    tp, layers = parallel.tensor_parallel, arch.num_layers // parallel.pipeline_parallel
+    granularity, k = parallel.recompute_granularity, parallel.recompute_num_layers
+    sizes = dict(tp=tp, sequence_length=sequence_length, micro_batch_size=micro_batch_size, bytes_per_value=bytes_per_value)
+    per_layer = activation_bytes_per_layer(arch, flash_attention=flash_attention, **sizes)
+    unit_input = bytes_per_value * sequence_length * micro_batch_size * arch.hidden_size
+    if granularity == "full" and parallel.recompute_method == "uniform":
+        return in_flight * (layers // k) * unit_input + k * per_layer
+    if granularity == "full":  # block: the first k layers of the stage
+        return in_flight * (k * unit_input + (layers - k) * per_layer) + per_layer
+    if granularity == "selective":
+        without_attention = activation_bytes_per_layer(arch, flash_attention=True, **sizes)
+        return in_flight * layers * without_attention + (per_layer - without_attention)
+    return in_flight * layers * per_layer
 
 
 # --------------------------------------------------------------------------- checks
@@ -441,9 +481,9 @@ def _stage_memory(config: Config, arch: Qwen3Arch, *, stage: int, params: int, d
     samples_per_rank = sched.prompts_per_step // sched.minibatches_per_step * config.algorithm.group_size // dp
     num_microbatches = -(-samples_per_rank // sched.micro_batch_size)
     in_flight = min(pp - stage, num_microbatches)
-    per_layer = activation_bytes_per_layer(
-        arch, tp=tp, sequence_length=sequence_length, micro_batch_size=sched.micro_batch_size,
-        bytes_per_value=e, flash_attention=bf16,
+    activations = activation_bytes(
+        arch, config.parallel, sequence_length=sequence_length, micro_batch_size=sched.micro_batch_size,
+        bytes_per_value=e, flash_attention=bf16, in_flight=in_flight,
     )
     last = stage == pp - 1
     response_tokens = sched.micro_batch_size * config.rollout.max_response_tokens
@@ -459,7 +499,7 @@ def _stage_memory(config: Config, arch: Qwen3Arch, *, stage: int, params: int, d
         gradients=params * 4,
         optimizer_state=optimizer_bytes,
         reference_weights=params * e if config.algorithm.uses_reference else 0,
-        activations=arch.num_layers // pp * in_flight * per_layer,
+        activations=activations,
         teacher_states=teacher if last and config.algorithm.uses_teacher else 0,
         loss_buffers=loss,
         overhead=CUDA_OVERHEAD_BYTES,
@@ -511,8 +551,9 @@ _ADVICE = {
     "reference_weights": "raise parallel.tensor_parallel or parallel.pipeline_parallel",
     "optimizer_state": "add data-parallel ranks (a larger --world-size) with optimizer.use_distributed_optimizer=true, "
                        "or raise parallel.tensor_parallel / parallel.pipeline_parallel",
-    "activations": "lower schedule.micro_batch_size (activations grow with it) or raise parallel.tensor_parallel "
-                   "(PP does not help: the first 1F1B stage holds pp micro-batches of layers/pp layers)",
+    "activations": "set parallel.recompute_granularity=full, lower schedule.micro_batch_size (activations grow "
+                   "with it) or raise parallel.tensor_parallel (PP does not help: the first 1F1B stage holds pp "
+                   "micro-batches of layers/pp layers)",
     "teacher_states": "add data-parallel ranks (a larger --world-size) or raise schedule.minibatches_per_step",
     "loss_buffers": "raise parallel.tensor_parallel",
     "overhead": "use GPUs with more memory",

@@ -58,7 +58,8 @@ class ModelPasses:
         if config.model.mcore_dir:
             check_mcore_source(config.model.mcore_dir, self.arch, padded, tp=groups.tp_size)
 
-        self.policy = build_policy(self.arch, groups, config.optimizer, params_dtype=dtype, load_weights=load)
+        self.policy = build_policy(self.arch, groups, config.optimizer, params_dtype=dtype, load_weights=load,
+                                   recompute=config.parallel)
         uses_reference = config.algorithm.uses_reference
         self.reference = build_frozen(self.arch, groups, params_dtype=dtype, load_weights=load) if uses_reference else None
 

@@ -248,6 +248,63 @@ def test_memory_switches():
     assert flash_free == 4 * 64 * 2 * 2_240 + 5 * 4 * 64 * 64 * 2 // 2 * 4 // 2
 
 
+def test_recomputation_memory_by_hand():
+    """test_memory_items_by_hand's launch (2 layers per stage, 2 micro-batches in flight on
+    stage 0, one layer's count 573,440 B, a unit's input 2·64·2·128 = 32,768 B) with each
+    kind of recomputation."""
+    base = ("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "schedule.micro_batch_size=2")
+    layer, unit_input = 573_440, 2 * 64 * 2 * 128
+
+    def stage0(*overrides, dtype="bfloat16"):
+        config = tiny_config(*base, f"model.params_dtype={dtype}", *overrides)
+        return plan_layout(config, qwen3_tiny(), world_size=8, allow_overflow=True)
+
+    plain = stage0().memory_per_stage[0].activations
+    assert plain == 2 * 2 * layer
+    full = stage0("parallel.recompute_granularity=full", "parallel.recompute_num_layers=1")
+    # 2 in flight × 2 units' inputs, plus one unit (1 layer) re-materialised in its backward
+    assert full.memory_per_stage[0].activations == 2 * 2 * unit_input + layer
+    assert "activation recomputation: full, uniform units of 1 layer" in full.describe()
+    two = stage0("parallel.recompute_granularity=full", "parallel.recompute_num_layers=2")
+    assert two.memory_per_stage[0].activations == 2 * 1 * unit_input + 2 * layer
+    block = stage0("parallel.recompute_granularity=full", "parallel.recompute_method=block",
+                   "parallel.recompute_num_layers=1")
+    assert block.memory_per_stage[0].activations == 2 * (unit_input + layer) + layer
+    assert "the first 1 layer of each stage" in block.describe()
+    # selective recomputes core attention: with flash attention (bf16) there is nothing to drop
+    assert stage0("parallel.recompute_granularity=selective").memory_per_stage[0].activations == plain
+    # fp32 (unfused attention): every layer loses the s² term, one layer has it back while recomputed
+    attention = 5 * 4 * 64 * 64 * 2 // 2 * 4 // 2
+    fp32_layer = 4 * 64 * 2 * 2_240
+    fp32 = stage0("parallel.recompute_granularity=selective", dtype="float32")
+    assert fp32.memory_per_stage[0].activations == 2 * 2 * fp32_layer + attention
+    assert stage0(dtype="float32").memory_per_stage[0].activations == 2 * 2 * (fp32_layer + attention)
+
+
+def test_recomputation_units_must_fit_the_stages():
+    base = ("parallel.pipeline_parallel=2", "parallel.recompute_granularity=full")
+    with pytest.raises(ValueError, match=r"parallel\.recompute_num_layers=3 must divide the 2 layers of each pipeline "
+                                         r"stage with recompute_method=uniform .* choose one of \[1, 2\]"):
+        plan_layout(tiny_config(*base, "parallel.recompute_num_layers=3"), qwen3_tiny(), world_size=2)
+    with pytest.raises(ValueError, match=r"parallel\.recompute_num_layers=3 must be in \[1, 2\]"):
+        plan_layout(tiny_config(*base, "parallel.recompute_method=block", "parallel.recompute_num_layers=3"),
+                    qwen3_tiny(), world_size=2)
+    with pytest.raises(ValueError, match=r"config field parallel\.recompute_granularity: must be one of"):
+        plan_layout(tiny_config("parallel.recompute_granularity=layers"), qwen3_tiny(), world_size=1)
+    with pytest.raises(ValueError, match=r"config field parallel\.recompute_num_layers: must be >= 1"):
+        plan_layout(tiny_config("parallel.recompute_num_layers=0"), qwen3_tiny(), world_size=1)
+
+
+def test_activations_advice_names_recomputation():
+    with pytest.raises(ValueError, match=r"largest item is activations .*set parallel\.recompute_granularity=full"):
+        plan_layout(make_config("parallel.tensor_parallel=2", "schedule.micro_batch_size=16"), qwen3_preset("qwen3-4b"),
+                    world_size=4)
+    # ... and full recomputation is what lets that micro-batch fit
+    layout = plan_layout(make_config("parallel.tensor_parallel=2", "schedule.micro_batch_size=16",
+                                     "parallel.recompute_granularity=full"), qwen3_preset("qwen3-4b"), world_size=4)
+    assert layout.fits
+
+
 # --------------------------------------------------------------------------- recommended launches
 
 # name → (overrides, trainer world size, rollout GPUs): the layouts the sbatch scripts use

@@ -1,4 +1,5 @@
-"""A Megatron training step at TP2, PP2, TP2×PP2 and DP2 equals the TP1 step.
+"""A Megatron training step at TP2, PP2, TP2×PP2 and DP2 equals the TP1 step, and so
+does every kind of activation recomputation.
 
 Each layout starts from the same HF weights, runs one optimizer step (Megatron's
 schedule, distributed optimizer on gloo) on the same global batch with a masked
@@ -26,9 +27,9 @@ def _batch():
     return tokens, mask
 
 
-def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool) -> dict:
+def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool, recompute: tuple = ("none",)) -> dict:
     from sdpg_megatron.model.hf_mapping import find_rule, global_name, layer_offset, load_hf_weights, tp_gather
-    from sdpg_megatron.config import OptimizerConfig
+    from sdpg_megatron.config import OptimizerConfig, ParallelConfig
     from sdpg_megatron.model.training import build_policy, train_step
     from sdpg_megatron.parallel import padded_vocab_size, vocab_parallel_token_stats
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
@@ -38,19 +39,25 @@ def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool) -> dict:
         arch, hf_model = tiny_hf_model(tied=True)
         state = hf_model.state_dict()
         settings = OptimizerConfig(lr=1e-3, lr_warmup_steps=0, use_distributed_optimizer=distributed_optimizer)
-        policy = build_policy(arch, groups, settings, load_weights=lambda m: load_hf_weights(
+        granularity, method, num_layers = (*recompute, "uniform", 1)[:3]
+        recompute_settings = ParallelConfig(recompute_granularity=granularity, recompute_method=method,
+                                            recompute_num_layers=num_layers)
+        policy = build_policy(arch, groups, settings, recompute=recompute_settings, load_weights=lambda m: load_hf_weights(
             m, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
             tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank))
         tokens, mask = _batch()
         per_rank = GLOBAL_BATCH // groups.dp_size
         rows = range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank)
         microbatches = iter([(tokens[r : r + 1], mask[r : r + 1]) for r in rows])
+        saved_bytes = []
 
         def forward_step(data_iterator, model):
             batch_tokens, batch_mask = next(data_iterator)
             inputs, targets = batch_tokens[:, :-1], batch_tokens[:, 1:]
             positions = torch.arange(SEQ)[None]
-            hidden = model(inputs, positions, None, return_hidden=True)
+            saved = _saved_bytes_during(lambda: model(inputs, positions, None, return_hidden=True))
+            hidden = saved.pop("result")
+            saved_bytes.append(saved["bytes"])
 
             def loss_func(hidden_states):
                 stats = vocab_parallel_token_stats(
@@ -67,7 +74,8 @@ def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool) -> dict:
 
         result = train_step(policy, forward_step, microbatches, num_microbatches=per_rank,
                             seq_length=SEQ, micro_batch_size=1)
-        report = {"grad_norm": result.grad_norm, "updated": result.update_successful}
+        report = {"grad_norm": result.grad_norm, "updated": result.update_successful,
+                  "activation_bytes": max(saved_bytes)}
         if groups.is_last_stage:
             totals = torch.tensor([sum(float(l["loss_sum"]) for l in result.losses),
                                    sum(int(l["num_tokens"]) for l in result.losses)], dtype=torch.float64)
@@ -84,6 +92,21 @@ def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool) -> dict:
         destroy_parallel()
 
 
+def _saved_bytes_during(forward) -> dict:
+    """forward()'s result and the bytes of the activations autograd saved while it ran
+    (tensors saved for backward that are not parameters)."""
+    total = [0]
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = forward()
+    return {"result": result, "bytes": total[0]}
+
+
 def _worker(rank, world_size, layouts):
     return {layout: _step_at_layout(*layout) for layout in layouts}
 
@@ -91,8 +114,8 @@ def _worker(rank, world_size, layouts):
 @pytest.fixture(scope="module")
 def step_results():
     results = {}
-    for world, layouts in ((1, [(1, 1, False), (1, 1, True)]), (2, [(2, 1, True), (1, 2, True), (1, 1, True)]),
-                           (4, [(2, 2, True)])):
+    for world, layouts in ((1, [(1, 1, False), (1, 1, True), *RECOMPUTE_TP1]),
+                           (2, [(2, 1, True), (1, 2, True), (1, 1, True)]), (4, [(2, 2, True), RECOMPUTE_TP2PP2])):
         per_rank = run_distributed(_worker, world, layouts)
         for layout in layouts:
             results[(world, *layout)] = [r[layout] for r in per_rank]
@@ -103,9 +126,13 @@ def _last_stage(reports):
     return [r for r in reports if "loss" in r]
 
 
+RECOMPUTE_TP1 = [(1, 1, True, ("full", "uniform", 2)), (1, 1, True, ("full", "block", 3)), (1, 1, True, ("selective",))]
+RECOMPUTE_TP2PP2 = (2, 2, True, ("full", "uniform", 1))
 LAYOUT_IDS = {
     (1, 1, 1, True): "tp1-distopt", (2, 2, 1, True): "tp2", (2, 1, 2, True): "pp2",
     (2, 1, 1, True): "dp2", (4, 2, 2, True): "tp2pp2",
+    **{(1, *layout): "tp1-" + "-".join(map(str, layout[3])) for layout in RECOMPUTE_TP1},
+    (4, *RECOMPUTE_TP2PP2): "tp2pp2-full-uniform-1",
 }
 
 
@@ -121,6 +148,17 @@ def test_step_matches_tp1(step_results, layout):
         # Adam's first step is lr·g/(|g| + eps): entries whose gradient is near eps amplify
         # fp32 summation-order differences between layouts, so allow 5% of one step (lr).
         torch.testing.assert_close(report["probe"], baseline["probe"], rtol=1e-5, atol=5e-5)
+
+
+def test_recomputation_keeps_fewer_activations(step_results):
+    """Same step (test_step_matches_tp1), fewer saved activations: full recomputation keeps
+    only each unit's input; selective drops core attention's saved tensors."""
+    (plain,) = step_results[(1, 1, 1, True)]
+    saved = {layout[3]: step_results[(1, *layout)][0]["activation_bytes"] for layout in RECOMPUTE_TP1}
+    print({"none": plain["activation_bytes"], **saved})
+    assert saved[("full", "uniform", 2)] < 0.5 * plain["activation_bytes"]
+    assert saved[("full", "uniform", 2)] < saved[("full", "block", 3)] < plain["activation_bytes"]
+    assert saved[("selective",)] < plain["activation_bytes"]
 
 
 def test_step_changes_the_weights(step_results):

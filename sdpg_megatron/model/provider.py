@@ -29,10 +29,18 @@ def transformer_config(
     pipeline_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
-    recompute_activations: bool = False,
+    recompute_granularity: str = "none",
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
 ) -> TransformerConfig:
-    """Qwen3: GQA, QK RMSNorm, RMSNorm, SwiGLU, RoPE, no biases, explicit head_dim."""
+    """Qwen3: GQA, QK RMSNorm, RMSNorm, SwiGLU, RoPE, no biases, explicit head_dim.
+
+    recompute_*: `ParallelConfig`'s activation recomputation ("none", "selective" = core
+    attention, "full" = whole layers by `recompute_method` in units of `recompute_num_layers`)."""
     check_layout(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    check_recompute(arch, pipeline_parallel=pipeline_parallel, granularity=recompute_granularity,
+                    method=recompute_method, num_layers=recompute_num_layers)
+    full = recompute_granularity == "full"
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -66,8 +74,31 @@ def transformer_config(
         # without them it would fail at the first attention, so use the unfused softmax.
         masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         persist_layer_norm=False,
-        recompute_granularity="selective" if recompute_activations else None,
+        recompute_granularity=None if recompute_granularity == "none" else recompute_granularity,
+        recompute_method=recompute_method if full else None,
+        recompute_num_layers=recompute_num_layers if full else None,
     )
+
+
+def check_recompute(arch: Qwen3Arch, *, pipeline_parallel: int, granularity: str, method: str, num_layers: int) -> None:
+    """ValueError naming the recompute field whose value this model and PP size cannot take."""
+    if granularity not in ("none", "selective", "full"):
+        raise ValueError(f"parallel.recompute_granularity must be 'none', 'selective' or 'full', got {granularity!r}")
+    if granularity != "full":
+        return
+    if method not in ("uniform", "block"):
+        raise ValueError(f"parallel.recompute_method must be 'uniform' or 'block', got {method!r}")
+    per_stage = arch.num_layers // pipeline_parallel
+    if method == "uniform" and per_stage % num_layers:
+        raise ValueError(
+            f"parallel.recompute_num_layers={num_layers} must divide the {per_stage} layers of each pipeline stage "
+            f"with recompute_method=uniform (Megatron recomputes whole units); choose one of {divisors(per_stage)}"
+        )
+    if method == "block" and not 1 <= num_layers <= per_stage:
+        raise ValueError(
+            f"parallel.recompute_num_layers={num_layers} must be in [1, {per_stage}] (the layers of one pipeline "
+            "stage) with recompute_method=block"
+        )
 
 
 def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: int) -> None:

@@ -20,7 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from sdpg_megatron.config import OptimizerConfig
+from sdpg_megatron.config import OptimizerConfig, ParallelConfig
 from sdpg_megatron.model.provider import PolicyGPTModel, model_provider, transformer_config
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.groups import ParallelGroups
@@ -52,11 +52,16 @@ def build_policy(
     *,
     params_dtype: torch.dtype = torch.float32,
     load_weights: Callable[[PolicyGPTModel], None] | None = None,
+    recompute: ParallelConfig | None = None,
 ) -> TrainableModel:
     """The trainable policy at this rank's layout; `load_weights` runs before DDP wraps
-    the parameters and the optimizer copies them."""
+    the parameters and the optimizer copies them. `recompute`: the parallel section whose
+    recompute_* fields set activation recomputation (None: none)."""
+    recompute = recompute or ParallelConfig()
     config = transformer_config(
-        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype
+        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype,
+        recompute_granularity=recompute.recompute_granularity, recompute_method=recompute.recompute_method,
+        recompute_num_layers=recompute.recompute_num_layers,
     )
     config.calculate_per_token_loss = True
     module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))

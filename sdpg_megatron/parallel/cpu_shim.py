@@ -8,8 +8,8 @@ demo) three kinds of assumption break, and each is mapped here, nowhere else:
    rewrites every CUDA device to the CPU and reports CPU tensors under CUDA type names;
 2. device queries and streams — `torch.cuda.synchronize`, `current_stream`, `Event`,
    memory statistics, NVTX ranges: no-op stand-ins;
-3. the model-parallel RNG tracker — it saves and restores CUDA generator states: the
-   same bookkeeping on the CPU generator.
+3. the model-parallel RNG tracker and activation recomputation's RNG save/restore — they
+   keep CUDA generator states: the same bookkeeping on the CPU generator.
 
 `apply_cpu_shim()` is idempotent and does nothing when CUDA is available, so the GPU path
 runs Megatron-Core untouched.
@@ -174,3 +174,17 @@ def _patch_rng_tracker() -> None:
 
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._CUDA_RNG_STATE_TRACKER = None  # re-created with the CPU class on next use
+    # Activation recomputation (CheckpointFunction) saves and restores "the CUDA state" next
+    # to the CPU one; here the device generator is the CPU generator.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    # Its backward re-runs Megatron's forward code (which builds tensors on "cuda"), but
+    # torch.autograd.backward reaches the autograd engine through the device mode, which
+    # is popped while its own handler runs: push it again around the recomputation.
+    recompute_backward = mcore_random.CheckpointFunction.backward
+
+    def backward_on_cpu(ctx, *grads):
+        with _CudaToCpuMode():
+            return recompute_backward(ctx, *grads)
+
+    mcore_random.CheckpointFunction.backward = staticmethod(backward_on_cpu)
