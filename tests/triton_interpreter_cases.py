@@ -135,6 +135,36 @@ def test_tma_needs_aligned_row_major_inputs():
                                           config=tma_config)
 
 
+def test_experimental_configurations_are_opt_in(monkeypatch):
+    """TMA and flattened-loop configurations are tuned only under SDPG_TRITON_EXPERIMENTAL=1
+    (they have not been timed on a GPU yet), TMA ones only where TMA applies, flattened
+    loops only in the forward; SDPG_TRITON_CONFIG can force any configuration allowed."""
+    aligned = torch.zeros(8, 16, dtype=torch.bfloat16)
+    odd = torch.zeros(8, 3, dtype=torch.bfloat16)
+    experimental = set(triton_token_stats.EXPERIMENTAL_CONFIGS)
+    assert experimental and all(c.tma or c.flatten for c in experimental)
+    assert not any(c.tma or c.flatten for c in triton_token_stats.GPU_CONFIGS)
+
+    monkeypatch.delenv("SDPG_TRITON_EXPERIMENTAL", raising=False)
+    tuned, forceable = triton_token_stats._candidates((aligned, aligned), forward=True)
+    assert tuned == list(triton_token_stats.GPU_CONFIGS) and experimental <= set(forceable)
+    monkeypatch.setenv("SDPG_TRITON_EXPERIMENTAL", "1")
+    tuned, _ = triton_token_stats._candidates((aligned, aligned), forward=True)
+    assert experimental <= set(tuned)
+    tuned, forceable = triton_token_stats._candidates((aligned, aligned), forward=False)
+    assert not any(c.flatten for c in tuned + forceable) and any(c.tma for c in tuned)
+    tuned, forceable = triton_token_stats._candidates((aligned, odd), forward=True)
+    assert not any(c.tma for c in tuned + forceable) and any(c.flatten for c in tuned)
+
+    tma_name = str(next(c for c in experimental if c.tma))
+    monkeypatch.setenv("SDPG_TRITON_CONFIG", tma_name)
+    monkeypatch.setattr(triton_token_stats, "_chosen", {})
+    with pytest.raises(ValueError, match=f"SDPG_TRITON_CONFIG='{tma_name}' is not one of"):
+        triton_token_stats._choose(("forced",), None, triton_token_stats._candidates((odd,), forward=True), None)
+    chosen = triton_token_stats._choose(("forced",), None, triton_token_stats._candidates((aligned,), forward=True), None)
+    assert str(chosen) == tma_name
+
+
 def test_the_tuner_drops_a_configuration_that_disagrees(monkeypatch):
     """On a GPU the tuner times every candidate, then checks its pick against the first
     configuration that ran; a wrong result (a miscompiled candidate) is passed over."""

@@ -71,7 +71,8 @@ def main() -> None:
               "configs": {}}
     tts.local_partials(hs, ht, w, targets, v, 1.0)  # tunes and picks the kernel's configuration
     chosen = next(iter(tts._chosen.values()))
-    for cfg in [c for c in tts.GPU_CONFIGS if (c.block_m, c.block_n) == (128, 128)]:  # the contenders
+    contenders = [c for c in tts.GPU_CONFIGS + tts.EXPERIMENTAL_CONFIGS if (c.block_m, c.block_n) == (128, 128)]
+    for cfg in contenders:
         splits, cols = tts._vocab_splits(n, v, cfg, hs.device)
         out = torch.empty(splits, n, device="cuda")
         grid = (triton.cdiv(n, cfg.block_m) * splits,)

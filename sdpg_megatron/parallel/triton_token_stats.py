@@ -78,8 +78,11 @@ GPU_CONFIGS = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, group_m=16),
     KernelConfig(128, 64, 64, num_warps=8, num_stages=3),  # smaller tiles: for GPUs with less
     KernelConfig(64, 64, 64, num_warps=4, num_stages=4),  # shared memory than an H100's
-    # Not yet measured against the pointer loads above (benchmarks/gpu/NOTES.md): the tuner
-    # times them with the rest where the GPU and the inputs allow TMA.
+)
+# Not yet measured on a GPU (benchmarks/gpu/NOTES.md): tuned only with
+# SDPG_TRITON_EXPERIMENTAL=1 (benchmarks/gpu/run.sh sets it), and only where the GPU and
+# the inputs allow TMA, until a measurement earns them a place above.
+EXPERIMENTAL_CONFIGS = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, group_m=16, tma=True),
@@ -300,7 +303,7 @@ def local_partials(
     if config is not None:
         _check_config(config, tensors)
     else:
-        config = _choose(key, launch, _candidates(tensors), _forward_summary)
+        config = _choose(key, launch, _candidates(tensors, forward=True), _forward_summary)
     return launch(config)
 
 
@@ -352,9 +355,8 @@ def grads(
     tensors = (student_hidden, teacher, weight)
     if config is not None:
         _check_config(config, tensors)
-    else:  # `flatten` only changes the forward's loop nest: the backward has one tile per program
-        candidates = [c for c in _candidates(tensors) if not c.flatten]
-        config = _choose(key, lambda c: launch(c, 0, block_cols), candidates, _grad_summary)
+    else:
+        config = _choose(key, lambda c: launch(c, 0, block_cols), _candidates(tensors, forward=False), _grad_summary)
     for begin in range(0, valid_rows, block_cols):
         end = min(begin + block_cols, valid_rows)
         dz = launch(config, begin, end)
@@ -436,10 +438,15 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _candidates(tensors) -> list[KernelConfig]:
-    """The GPU configurations these inputs allow (TMA ones only where TMA applies)."""
+def _candidates(tensors, *, forward: bool) -> tuple[list[KernelConfig], list[KernelConfig]]:
+    """(configurations to tune, configurations SDPG_TRITON_CONFIG may force) for these
+    inputs: TMA ones only where TMA applies, flattened loops only in the forward (the
+    backward has one tile per program), the experimental ones tuned only under
+    SDPG_TRITON_EXPERIMENTAL=1."""
     tma = tma_supported(*tensors)
-    return [c for c in GPU_CONFIGS if tma or not c.tma]
+    allowed = [c for c in GPU_CONFIGS + EXPERIMENTAL_CONFIGS if (tma or not c.tma) and (forward or not c.flatten)]
+    experimental = os.environ.get("SDPG_TRITON_EXPERIMENTAL") == "1"
+    return [c for c in allowed if experimental or c in GPU_CONFIGS], allowed
 
 
 def _check_config(config: KernelConfig, tensors) -> None:
@@ -451,27 +458,29 @@ def _check_config(config: KernelConfig, tensors) -> None:
         )
 
 
-def _choose(key: tuple, launch, candidates: list[KernelConfig], summary) -> KernelConfig:
+def _choose(key: tuple, launch, candidates: tuple[list[KernelConfig], list[KernelConfig]], summary) -> KernelConfig:
     """The fastest candidate for `key`, timed once with CUDA events (kernels are pure).
 
     `launch(cfg)` runs the kernel and returns its output; `summary(output)` turns it into
     one tensor that every correct configuration reproduces to rounding. The pick must
     agree with the first configuration that ran (a plain pointer-load one), so a
-    configuration the compiler gets wrong is dropped with a warning rather than used."""
+    configuration the compiler gets wrong is dropped with a warning rather than used.
+    `candidates`: `_candidates`' (tuned, forceable) lists."""
     if key in _chosen:
         return _chosen[key]
+    tuned, forceable = candidates
     forced = os.environ.get("SDPG_TRITON_CONFIG")
     if forced:
-        chosen = next((c for c in candidates if str(c) == forced), None)
+        chosen = next((c for c in forceable if str(c) == forced), None)
         if chosen is None:
             raise ValueError(
                 f"SDPG_TRITON_CONFIG={forced!r} is not one of the configurations these inputs allow: "
-                f"{[str(c) for c in candidates]}"
+                f"{[str(c) for c in forceable]}"
             )
     elif _INTERPRET or not torch.cuda.is_available():
         chosen = INTERPRETER_CONFIG
     else:
-        chosen = _fastest_agreeing(key, launch, candidates, summary)
+        chosen = _fastest_agreeing(key, launch, tuned, summary)
     _chosen[key] = chosen
     return chosen
 
