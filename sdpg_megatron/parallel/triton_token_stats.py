@@ -497,7 +497,7 @@ def _fastest_agreeing(key: tuple, launch, candidates: list[KernelConfig], summar
     reference_cfg = next(iter(timings))
     reference = summary(launch(reference_cfg))
     rejected = {}
-    for cfg in sorted(timings, key=timings.get):
+    for cfg in sorted(timings, key=timings.get):  # fastest first; ends at the reference at the latest
         if cfg == reference_cfg:
             break
         error = _relative_error(summary(launch(cfg)), reference)
@@ -528,8 +528,9 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _forward_summary(output) -> torch.Tensor:
-    """[2 | 1, N] per-token log-normalisers from a forward's per-split maxima and partials,
-    plus the target logit: what every split layout gives the same answer for."""
+    """[5 | 3, N] per token from a forward's per-split maxima and partials: the student's
+    log-normaliser, B/S, the target logit (and the teacher's log-normaliser, A/S): what
+    every split layout gives the same answer for."""
     maxima, partials = output
     with_teacher = maxima.shape[1] == 2
     from sdpg_megatron.parallel.vocab_parallel import _merge_splits
