@@ -21,3 +21,4 @@ bench: install
 	$(PYTHON) benchmarks/bench_vocab_parallel_loss.py
 	$(PYTHON) benchmarks/bench_conversion.py
 	$(PYTHON) benchmarks/bench_rollout.py
+	$(PYTHON) benchmarks/bench_recompute.py
