@@ -107,6 +107,9 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # Megatron's sequence parallelism: the norms, residuals and dropout between the TP
+    # regions hold s/tp of each sequence per rank (needs tensor_parallel > 1).
+    sequence_parallel: bool = False
     # Activation recomputation in the policy's training pass (Megatron's --recompute-*):
     # "full" keeps only the input of each unit of layers and re-runs the unit in backward:
     # with "uniform" every recompute_num_layers layers form a unit, with "block" only the
@@ -432,6 +435,8 @@ def _validate_model(c: ModelConfig) -> None:
 def _validate_parallel(c: ParallelConfig) -> None:
     _require(c.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
     _require(c.pipeline_parallel >= 1, "parallel.pipeline_parallel", "must be >= 1")
+    _require(not c.sequence_parallel or c.tensor_parallel > 1, "parallel.sequence_parallel",
+             "needs tensor parallelism: set parallel.tensor_parallel > 1 (--tp) or turn it off")
     _require(c.recompute_granularity in get_args(Recompute), "parallel.recompute_granularity",
              f"must be one of {get_args(Recompute)}, got {c.recompute_granularity!r}")
     _require(c.recompute_method in ("uniform", "block"), "parallel.recompute_method",

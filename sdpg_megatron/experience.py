@@ -69,7 +69,10 @@ class MicroBatch:
         return int(self.targets.numel())
 
 
-def padded_length(length: int, multiple: int = 8) -> int:
+SEQUENCE_MULTIPLE = 8  # step batches pad sequences to multiples of this (sequence parallelism splits them by TP)
+
+
+def padded_length(length: int, multiple: int = SEQUENCE_MULTIPLE) -> int:
     return max(multiple, -(-length // multiple) * multiple)
 
 

@@ -18,11 +18,12 @@ pipeline stage i with P_i parameters (its TP shard; norms replicated):
                    distributed optimizer;
 - reference        P_i · e for the frozen π_ref when the algorithm uses it;
 - activations      one training micro-batch of b = micro_batch_size sequences of
-                   s = max_prompt_tokens + max_response_tokens tokens, no sequence
-                   parallelism (`transformer_config` leaves it off); without recomputation, per layer
-                       e · s · b · (4h + (4·a·d + 4·g·d + 5·f) / tp)
+                   s = max_prompt_tokens + max_response_tokens tokens; without
+                   recomputation, per layer
+                       e · s · b · (4h / sp + (4·a·d + 4·g·d + 5·f) / tp)
                    for a Transformer-Engine layer: the block input and normalised input
-                   of both the attention and the MLP (4h, replicated over TP); the fused
+                   of both the attention and the MLP (4h, replicated over TP, or split
+                   over it with parallel.sequence_parallel: sp = tp, else 1); the fused
                    QKV output, the reshaped query the q-norm saves, the roped q and k, a
                    contiguous v and the attention output (4ad + 4gd over TP); Megatron's
                    unfused SwiGLU: fc1 output (2f), SiLU output, x_linear +
@@ -35,7 +36,7 @@ pipeline stage i with P_i parameters (its TP shard; norms replicated):
                    min(pp − i, micro-batches) micro-batches of its layers, so the first
                    stage holds the most, and PP does not shrink it (layers/pp × pp).
                    With parallel.recompute_granularity=full a unit of layers keeps only
-                   its input (e·s·b·h): "uniform" units of k = recompute_num_layers layers,
+                   its input (e·s·b·h / sp): "uniform" units of k = recompute_num_layers layers,
                    plus one unit re-materialised (k layers' count) during its backward;
                    "block" recomputes the first k layers of the stage one at a time, the
                    rest keep their count, plus one layer re-materialised. "selective"
@@ -65,7 +66,9 @@ from dataclasses import dataclass
 
 from sdpg_megatron.config import Config, validate
 from sdpg_megatron.experience import padded_length
-from sdpg_megatron.model.provider import check_layout, check_recompute, divisors, resolve_padded_vocab
+from sdpg_megatron.model.provider import (
+    check_layout, check_recompute, check_sequence_parallel, divisors, resolve_padded_vocab,
+)
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.vocab_parallel import _CHUNK_BYTES
 
@@ -153,6 +156,7 @@ class Layout:
     group_size: int
     minibatches_per_step: int
     micro_batch_size: int
+    sequence_parallel: bool
     recompute: str  # activation recomputation of the training pass, in words
     memory_per_stage: tuple[MemoryEstimate, ...]
     gpu_memory_bytes: int
@@ -213,7 +217,8 @@ class Layout:
             f"model      Qwen3 {_count(a.num_parameters())}: {a.num_layers} layers, hidden {a.hidden_size}, "
             f"{a.num_attention_heads} heads / {a.num_query_groups} KV heads, FFN {a.ffn_hidden_size}, "
             f"{'tied' if a.tied_embeddings else 'untied'} embeddings, {self.params_dtype} params",
-            f"trainer    {self.world_size} GPUs{nodes}: TP {self.tp} × PP {self.pp} × DP {self.dp}",
+            f"trainer    {self.world_size} GPUs{nodes}: TP {self.tp} × PP {self.pp} × DP {self.dp}"
+            + (", sequence parallel" if self.sequence_parallel else ""),
             f"  stages     {self.layers_per_stage} layers per stage; per TP rank {self.heads_per_rank} heads, "
             f"{self.query_groups_per_rank} KV heads",
             f"  vocabulary {a.vocab_size:,} padded to {self.padded_vocab:,}; {self.vocab_shard:,} rows per TP rank",
@@ -284,6 +289,7 @@ def plan_layout(
     check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp)  # Megatron's own requirements
     check_recompute(arch, pipeline_parallel=pp, granularity=par.recompute_granularity, method=par.recompute_method,
                     num_layers=par.recompute_num_layers)
+    check_sequence_parallel(tensor_parallel=tp, sequence_parallel=par.sequence_parallel)
     padded = resolve_padded_vocab(arch, tp, padded_vocab)
     dp = world_size // (tp * pp)
     _check_batch(config, dp, pp)
@@ -309,7 +315,7 @@ def plan_layout(
         max_prompt_tokens=config.data.max_prompt_tokens, max_response_tokens=config.rollout.max_response_tokens,
         prompts_per_step=sched.prompts_per_step, group_size=config.algorithm.group_size,
         minibatches_per_step=sched.minibatches_per_step, micro_batch_size=sched.micro_batch_size,
-        recompute=_describe_recompute(par), memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
+        sequence_parallel=par.sequence_parallel, recompute=_describe_recompute(par), memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
         rollout=_rollout_estimate(config, arch, gpu_memory_bytes, sequence_length), rollout_gpus=rollout_gpus,
     )
     if not allow_overflow:
@@ -342,12 +348,13 @@ def stage_parameters(arch: Qwen3Arch, *, tp: int, pp: int, padded_vocab: int) ->
 
 
 def activation_bytes_per_layer(arch: Qwen3Arch, *, tp: int, sequence_length: int, micro_batch_size: int,
-                               bytes_per_value: int, flash_attention: bool) -> int:
+                               bytes_per_value: int, flash_attention: bool, sequence_parallel: bool = False) -> int:
     """Bytes one layer saves for backward for one micro-batch (module docstring's formula)."""
     h, d, f = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
     a, g = arch.num_attention_heads, arch.num_query_groups
     s, b = sequence_length, micro_batch_size
-    saved = bytes_per_value * s * b * (4 * h + (4 * a * d + 4 * g * d + 5 * f) // tp)
+    sp = tp if sequence_parallel else 1
+    saved = bytes_per_value * s * b * (4 * h // sp + (4 * a * d + 4 * g * d + 5 * f) // tp)
     if not flash_attention:
         saved += 5 * a * s * s * b // tp * bytes_per_value // 2
     return saved
@@ -370,9 +377,11 @@ def activation_bytes(arch: Qwen3Arch, parallel, *, sequence_length: int, micro_b
     under `parallel`'s recompute_* settings (module docstring)."""
     tp, layers = parallel.tensor_parallel, arch.num_layers // parallel.pipeline_parallel
     granularity, k = parallel.recompute_granularity, parallel.recompute_num_layers
-    sizes = dict(tp=tp, sequence_length=sequence_length, micro_batch_size=micro_batch_size, bytes_per_value=bytes_per_value)
+    sizes = dict(tp=tp, sequence_length=sequence_length, micro_batch_size=micro_batch_size, bytes_per_value=bytes_per_value,
+                 sequence_parallel=parallel.sequence_parallel)
     per_layer = activation_bytes_per_layer(arch, flash_attention=flash_attention, **sizes)
-    unit_input = bytes_per_value * sequence_length * micro_batch_size * arch.hidden_size
+    sp = tp if parallel.sequence_parallel else 1
+    unit_input = bytes_per_value * sequence_length * micro_batch_size * arch.hidden_size // sp
     if granularity == "full" and parallel.recompute_method == "uniform":
         return in_flight * (layers // k) * unit_input + k * per_layer
     if granularity == "full":  # block: the first k layers of the stage

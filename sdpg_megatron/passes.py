@@ -59,9 +59,10 @@ class ModelPasses:
             check_mcore_source(config.model.mcore_dir, self.arch, padded, tp=groups.tp_size)
 
         self.policy = build_policy(self.arch, groups, config.optimizer, params_dtype=dtype, load_weights=load,
-                                   recompute=config.parallel)
+                                   parallel=config.parallel)
         uses_reference = config.algorithm.uses_reference
-        self.reference = build_frozen(self.arch, groups, params_dtype=dtype, load_weights=load) if uses_reference else None
+        self.reference = build_frozen(self.arch, groups, params_dtype=dtype, load_weights=load,
+                                      parallel=config.parallel) if uses_reference else None
 
     # ------------------------------------------------------------------ plumbing
 

@@ -281,6 +281,32 @@ def test_recomputation_memory_by_hand():
     assert stage0(dtype="float32").memory_per_stage[0].activations == 2 * 2 * (fp32_layer + attention)
 
 
+def test_sequence_parallel_memory_by_hand():
+    """test_memory_items_by_hand's launch with sequence parallelism: the 4h replicated
+    term of every layer and each recomputed unit's input are split over TP 2 too."""
+    base = ("parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "schedule.micro_batch_size=2",
+            "parallel.sequence_parallel=true")
+    layer = 2 * 64 * 2 * (4 * 128 // 2 + (4 * 256 + 4 * 128 + 5 * 384) // 2)
+    assert layer == 507_904  # 573,440 without sequence parallelism
+    layout = plan_layout(tiny_config(*base), qwen3_tiny(), world_size=8)
+    assert layout.memory_per_stage[0].activations == 2 * 2 * layer
+    assert "TP 2 × PP 2 × DP 2, sequence parallel" in layout.describe()
+    full = plan_layout(tiny_config(*base, "parallel.recompute_granularity=full"), qwen3_tiny(), world_size=8)
+    assert full.memory_per_stage[0].activations == 2 * 2 * (2 * 64 * 2 * 128 // 2) + layer
+
+
+def test_sequence_parallel_needs_tp_that_splits_the_sequences():
+    from sdpg_megatron.model.provider import check_sequence_parallel
+
+    with pytest.raises(ValueError, match=r"config field parallel\.sequence_parallel: needs tensor parallelism"):
+        plan_layout(tiny_config("parallel.sequence_parallel=true"), qwen3_tiny(), world_size=1)
+    with pytest.raises(ValueError, match=r"sequences are padded to multiples of 8: use a tensor parallel size that "
+                                         r"divides 8"):
+        check_sequence_parallel(tensor_parallel=3, sequence_parallel=True)
+    check_sequence_parallel(tensor_parallel=8, sequence_parallel=True)
+    check_sequence_parallel(tensor_parallel=3, sequence_parallel=False)
+
+
 def test_recomputation_units_must_fit_the_stages():
     base = ("parallel.pipeline_parallel=2", "parallel.recompute_granularity=full")
     with pytest.raises(ValueError, match=r"parallel\.recompute_num_layers=3 must divide the 2 layers of each pipeline "

@@ -24,9 +24,11 @@ from tests.distributed import run_distributed
 PRESETS = ["sdpg-urkl", "sdpg-ufkl", "grpo", "rlsd", "opcd", "ablation-beta0", "ablation-alpha0"]
 BAD_ROWS = 2  # appended to the training file: no ground truth, empty prompt
 STEPS = 2
-# One preset trains with full activation recomputation (the whole driver path: config →
-# passes → Megatron); tests/test_training_step.py checks that it does not change a step.
-RECOMPUTED = {"sdpg-ufkl": {"parallel.recompute_granularity": "full", "parallel.recompute_num_layers": 1}}
+# One preset trains with sequence parallelism and full activation recomputation (the whole
+# driver path: config → passes for π_ref, teacher and student → Megatron);
+# tests/test_training_step.py checks that neither changes a step.
+VARIANTS = {"sdpg-ufkl": {"parallel.sequence_parallel": "true", "parallel.recompute_granularity": "full",
+                          "parallel.recompute_num_layers": 1}}
 VOLATILE = ("time/", "weights/version", "weights/push_seconds")  # differ between identical runs
 EVAL_DIR = Path(__file__).resolve().parents[1] / "data" / "eval"
 EVALUATION = {  # the real AIME 2024 and AMC 2023 files, 2 samples per problem, every 2 steps
@@ -103,7 +105,7 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
         except Exception as error:  # noqa: BLE001 - the message is what is checked
             report["bad_data_error"] = f"{type(error).__name__}: {error}"
         for preset in PRESETS:
-            extra = RECOMPUTED.get(preset, {})
+            extra = VARIANTS.get(preset, {})
             trainer = Trainer(_config(tiny, preset, root / preset, **extra), groups, fleet=fleet)
             before = _weights(trainer)
             trainer.run()

@@ -1,5 +1,5 @@
 """A Megatron training step at TP2, PP2, TP2×PP2 and DP2 equals the TP1 step, and so
-does every kind of activation recomputation.
+does every kind of activation recomputation, and sequence parallelism at TP2 and TP2×PP2.
 
 Each layout starts from the same HF weights, runs one optimizer step (Megatron's
 schedule, distributed optimizer on gloo) on the same global batch with a masked
@@ -27,7 +27,8 @@ def _batch():
     return tokens, mask
 
 
-def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool, recompute: tuple = ("none",)) -> dict:
+def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool, recompute: tuple = ("none",),
+                    sequence_parallel: bool = False) -> dict:
     from sdpg_megatron.model.hf_mapping import find_rule, global_name, layer_offset, load_hf_weights, tp_gather
     from sdpg_megatron.config import OptimizerConfig, ParallelConfig
     from sdpg_megatron.model.training import build_policy, train_step
@@ -40,11 +41,15 @@ def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool, recompute: tu
         state = hf_model.state_dict()
         settings = OptimizerConfig(lr=1e-3, lr_warmup_steps=0, use_distributed_optimizer=distributed_optimizer)
         granularity, method, num_layers = (*recompute, "uniform", 1)[:3]
-        recompute_settings = ParallelConfig(recompute_granularity=granularity, recompute_method=method,
-                                            recompute_num_layers=num_layers)
-        policy = build_policy(arch, groups, settings, recompute=recompute_settings, load_weights=lambda m: load_hf_weights(
+        parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sequence_parallel,
+                                  recompute_granularity=granularity, recompute_method=method,
+                                  recompute_num_layers=num_layers)
+        policy = build_policy(arch, groups, settings, parallel=parallel, load_weights=lambda m: load_hf_weights(
             m, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
             tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank))
+        norm_rows = []  # sequence positions a norm sees: SEQ, or SEQ / tp with sequence parallelism
+        policy.module.decoder.layers[0].input_layernorm.register_forward_hook(
+            lambda module, inputs, output: norm_rows.append(inputs[0].shape[0]))
         tokens, mask = _batch()
         per_rank = GLOBAL_BATCH // groups.dp_size
         rows = range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank)
@@ -75,7 +80,8 @@ def _step_at_layout(tp: int, pp: int, distributed_optimizer: bool, recompute: tu
         result = train_step(policy, forward_step, microbatches, num_microbatches=per_rank,
                             seq_length=SEQ, micro_batch_size=1)
         report = {"grad_norm": result.grad_norm, "updated": result.update_successful,
-                  "activation_bytes": max(saved_bytes)}
+                  "activation_bytes": max(saved_bytes), "norm_rows": set(norm_rows),
+                  "norm_weight_sequence_parallel": policy.module.decoder.layers[0].input_layernorm.weight.sequence_parallel}
         if groups.is_last_stage:
             totals = torch.tensor([sum(float(l["loss_sum"]) for l in result.losses),
                                    sum(int(l["num_tokens"]) for l in result.losses)], dtype=torch.float64)
@@ -115,7 +121,8 @@ def _worker(rank, world_size, layouts):
 def step_results():
     results = {}
     for world, layouts in ((1, [(1, 1, False), (1, 1, True), *RECOMPUTE_TP1]),
-                           (2, [(2, 1, True), (1, 2, True), (1, 1, True)]), (4, [(2, 2, True), RECOMPUTE_TP2PP2])):
+                           (2, [(2, 1, True), (1, 2, True), (1, 1, True), SEQUENCE_PARALLEL_TP2]),
+                           (4, [(2, 2, True), RECOMPUTE_TP2PP2, SEQUENCE_PARALLEL_TP2PP2])):
         per_rank = run_distributed(_worker, world, layouts)
         for layout in layouts:
             results[(world, *layout)] = [r[layout] for r in per_rank]
@@ -128,11 +135,14 @@ def _last_stage(reports):
 
 RECOMPUTE_TP1 = [(1, 1, True, ("full", "uniform", 2)), (1, 1, True, ("full", "block", 3)), (1, 1, True, ("selective",))]
 RECOMPUTE_TP2PP2 = (2, 2, True, ("full", "uniform", 1))
+SEQUENCE_PARALLEL_TP2 = (2, 1, True, ("none",), True)
+SEQUENCE_PARALLEL_TP2PP2 = (2, 2, True, ("full", "uniform", 1), True)  # with recomputation
 LAYOUT_IDS = {
     (1, 1, 1, True): "tp1-distopt", (2, 2, 1, True): "tp2", (2, 1, 2, True): "pp2",
     (2, 1, 1, True): "dp2", (4, 2, 2, True): "tp2pp2",
     **{(1, *layout): "tp1-" + "-".join(map(str, layout[3])) for layout in RECOMPUTE_TP1},
     (4, *RECOMPUTE_TP2PP2): "tp2pp2-full-uniform-1",
+    (2, *SEQUENCE_PARALLEL_TP2): "tp2-sp", (4, *SEQUENCE_PARALLEL_TP2PP2): "tp2pp2-sp-full-uniform-1",
 }
 
 
@@ -148,6 +158,16 @@ def test_step_matches_tp1(step_results, layout):
         # Adam's first step is lr·g/(|g| + eps): entries whose gradient is near eps amplify
         # fp32 summation-order differences between layouts, so allow 5% of one step (lr).
         torch.testing.assert_close(report["probe"], baseline["probe"], rtol=1e-5, atol=5e-5)
+
+
+def test_sequence_parallel_shards_the_sequence(step_results):
+    """The SP layouts equal TP1 (test_step_matches_tp1) while each rank's norms see half of
+    every sequence, and their weights are marked for Megatron's TP all-reduce."""
+    for world, layout in ((2, SEQUENCE_PARALLEL_TP2), (4, SEQUENCE_PARALLEL_TP2PP2)):
+        for report in step_results[(world, *layout)]:
+            assert report["norm_rows"] == {SEQ // 2} and report["norm_weight_sequence_parallel"] is True
+    for report in step_results[(2, 2, 1, True)]:  # TP2 without it: whole sequences, unmarked
+        assert report["norm_rows"] == {SEQ} and report["norm_weight_sequence_parallel"] is False
 
 
 def test_recomputation_keeps_fewer_activations(step_results):

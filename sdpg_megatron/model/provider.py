@@ -14,6 +14,7 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from sdpg_megatron.experience import SEQUENCE_MULTIPLE
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.vocab_parallel import padded_vocab_size
 
@@ -40,6 +41,7 @@ def transformer_config(
     check_layout(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
     check_recompute(arch, pipeline_parallel=pipeline_parallel, granularity=recompute_granularity,
                     method=recompute_method, num_layers=recompute_num_layers)
+    check_sequence_parallel(tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel)
     full = recompute_granularity == "full"
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -78,6 +80,20 @@ def transformer_config(
         recompute_method=recompute_method if full else None,
         recompute_num_layers=recompute_num_layers if full else None,
     )
+
+
+def check_sequence_parallel(*, tensor_parallel: int, sequence_parallel: bool) -> None:
+    """ValueError unless each padded sequence splits evenly over the TP ranks."""
+    if not sequence_parallel:
+        return
+    if tensor_parallel < 2:
+        raise ValueError("parallel.sequence_parallel needs tensor parallelism: set parallel.tensor_parallel > 1 (--tp)")
+    if SEQUENCE_MULTIPLE % tensor_parallel:
+        raise ValueError(
+            f"parallel.sequence_parallel splits each sequence over the {tensor_parallel} TP ranks, but sequences are "
+            f"padded to multiples of {SEQUENCE_MULTIPLE}: use a tensor parallel size that divides {SEQUENCE_MULTIPLE} "
+            "or turn sequence parallelism off"
+        )
 
 
 def check_recompute(arch: Qwen3Arch, *, pipeline_parallel: int, granularity: str, method: str, num_layers: int) -> None:
@@ -145,14 +161,50 @@ def layer_spec(use_transformer_engine: bool | None = None):
     """TE spec when transformer-engine is usable (GPU), Megatron's local spec otherwise.
 
     Both hold the same weights; only the TE spec fuses the norms into the next linear
-    (see `hf_mapping.te_alias`)."""
+    (see `hf_mapping.te_alias`). The local spec's norms are `RMSNorm` below (Megatron's
+    own wrapper of torch's RMSNorm refuses sequence parallelism)."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    attention = layer.self_attention.submodules
+    # q/k norms act on whole sequences (after the QKV projection's gather), one head at a time
+    attention.q_layernorm = attention.k_layernorm = ModuleSpec(module=RMSNorm, params={"sequence_sharded": False})
+    return spec
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm built the way Megatron builds norms, for the local spec.
+
+    With sequence parallelism a norm's input is this rank's slice of the sequence, so its
+    weight gradient is a partial sum: the weight is marked `sequence_parallel`, and
+    Megatron's `finalize_model_grads` all-reduces it over the TP group (as TE's norms are
+    marked). q/k norms see whole sequences and are left unmarked; Megatron reduces their
+    gradients by name (each rank holds different heads)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, *,
+                 sequence_sharded: bool = True, **unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = sequence_sharded and config.sequence_parallel
+
+
+def block_spec(config: TransformerConfig, use_transformer_engine: bool | None = None, vp_stage: int | None = None):
+    """The decoder block's spec: `layer_spec` for this stage's layers, and for the local
+    spec the final norm as `RMSNorm` too (Megatron would pick its own wrapper)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    spec = layer_spec(use_transformer_engine)
+    if use_transformer_engine:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm)
 
 
 class PolicyGPTModel(GPTModel):
@@ -174,6 +226,13 @@ class PolicyGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         if self._return_hidden and self.post_process:
+            if self.config.sequence_parallel:
+                # [s/tp, b, H] per rank → the whole sequence on every rank. The fused loss
+                # all-reduces its hidden-state gradient over TP, so the backward of this
+                # gather only keeps this rank's slice of it (no second reduction).
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                return gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
             return hidden_states
         return super()._postprocess(hidden_states, *args, **kwargs)
 
@@ -221,7 +280,7 @@ def model_provider(
     padded_vocab = resolve_padded_vocab(arch, config.tensor_model_parallel_size, padded_vocab)
     return PolicyGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_transformer_engine),
+        transformer_layer_spec=block_spec(config, use_transformer_engine, vp_stage),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

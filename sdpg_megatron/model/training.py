@@ -52,17 +52,13 @@ def build_policy(
     *,
     params_dtype: torch.dtype = torch.float32,
     load_weights: Callable[[PolicyGPTModel], None] | None = None,
-    recompute: ParallelConfig | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> TrainableModel:
     """The trainable policy at this rank's layout; `load_weights` runs before DDP wraps
-    the parameters and the optimizer copies them. `recompute`: the parallel section whose
-    recompute_* fields set activation recomputation (None: none)."""
-    recompute = recompute or ParallelConfig()
-    config = transformer_config(
-        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype,
-        recompute_granularity=recompute.recompute_granularity, recompute_method=recompute.recompute_method,
-        recompute_num_layers=recompute.recompute_num_layers,
-    )
+    the parameters and the optimizer copies them. `parallel`: the config section whose
+    sequence_parallel and recompute_* fields apply (None: neither; TP and PP come from
+    `groups`)."""
+    config = _transformer_config(arch, groups, params_dtype, parallel, training=True)
     config.calculate_per_token_loss = True
     module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))
     if load_weights is not None:
@@ -104,17 +100,27 @@ def build_frozen(
     *,
     params_dtype: torch.dtype = torch.float32,
     load_weights: Callable[[PolicyGPTModel], None] | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> PolicyGPTModel:
-    """A model with no gradients and no optimizer (the reference policy π_ref)."""
-    config = transformer_config(
-        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype
-    )
+    """A model with no gradients and no optimizer (the reference policy π_ref), with the
+    policy's sequence parallelism (no recomputation: it only runs forward)."""
+    config = _transformer_config(arch, groups, params_dtype, parallel, training=False)
     module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))
     if load_weights is not None:
         load_weights(module)
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+def _transformer_config(arch, groups, params_dtype, parallel: ParallelConfig | None, *, training: bool):
+    parallel = parallel or ParallelConfig()
+    recompute = {"recompute_granularity": parallel.recompute_granularity, "recompute_method": parallel.recompute_method,
+                 "recompute_num_layers": parallel.recompute_num_layers} if training else {}
+    return transformer_config(
+        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype,
+        sequence_parallel=parallel.sequence_parallel, **recompute,
+    )
 
 
 def _on_device(module: PolicyGPTModel) -> PolicyGPTModel:

@@ -11,6 +11,9 @@ demo) three kinds of assumption break, and each is mapped here, nowhere else:
 3. the model-parallel RNG tracker and activation recomputation's RNG save/restore — they
    keep CUDA generator states: the same bookkeeping on the CPU generator.
 
+Custom autograd Functions' backwards (Megatron's sequence-parallel collectives, its
+recomputation) run under the same device mode as the forward.
+
 `apply_cpu_shim()` is idempotent and does nothing when CUDA is available, so the GPU path
 runs Megatron-Core untouched.
 """
@@ -36,6 +39,7 @@ def apply_cpu_shim() -> bool:
         if not _applied:
             _patch_cuda_module()
             _patch_rng_tracker()
+            _patch_function_backward()
             _CudaToCpuMode().__enter__()  # stays on the mode stack for the process
             _applied = True
     return True
@@ -76,6 +80,26 @@ class _CudaToCpuMode(TorchFunctionMode):
         if "pin_memory" in kwargs:
             kwargs = {**kwargs, "pin_memory": False}
         return func(*args, **kwargs)
+
+
+def _patch_function_backward() -> None:
+    """Run every custom autograd Function's backward under the device mode.
+
+    `torch.autograd.backward` reaches the autograd engine through the mode's handler, and
+    a mode is popped while its own handler runs, so backward code would otherwise see no
+    mode at all. Megatron's backwards build tensors on "cuda" (sequence parallelism's
+    gathers and scatters, activation recomputation's re-run forward); the engine calls
+    each Python Function's backward through `BackwardCFunction.apply`, so the mode is
+    pushed again there."""
+    from torch.autograd.function import BackwardCFunction
+
+    apply = BackwardCFunction.apply
+
+    def apply_on_cpu(self, *args):
+        with _CudaToCpuMode():
+            return apply(self, *args)
+
+    BackwardCFunction.apply = apply_on_cpu
 
 
 # --------------------------------------------------------------------------- 2. queries
@@ -178,13 +202,3 @@ def _patch_rng_tracker() -> None:
     # to the CPU one; here the device generator is the CPU generator.
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
-    # Its backward re-runs Megatron's forward code (which builds tensors on "cuda"), but
-    # torch.autograd.backward reaches the autograd engine through the device mode, which
-    # is popped while its own handler runs: push it again around the recomputation.
-    recompute_backward = mcore_random.CheckpointFunction.backward
-
-    def backward_on_cpu(ctx, *grads):
-        with _CudaToCpuMode():
-            return recompute_backward(ctx, *grads)
-
-    mcore_random.CheckpointFunction.backward = staticmethod(backward_on_cpu)
