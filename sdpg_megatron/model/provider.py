@@ -83,12 +83,9 @@ def transformer_config(
 
 
 def check_sequence_parallel(*, tensor_parallel: int, sequence_parallel: bool) -> None:
-    """ValueError unless each padded sequence splits evenly over the TP ranks."""
-    if not sequence_parallel:
-        return
-    if tensor_parallel < 2:
-        raise ValueError("parallel.sequence_parallel needs tensor parallelism: set parallel.tensor_parallel > 1 (--tp)")
-    if SEQUENCE_MULTIPLE % tensor_parallel:
+    """ValueError unless each padded sequence splits evenly over the TP ranks (TP > 1 is
+    the config's check, and Megatron's)."""
+    if sequence_parallel and SEQUENCE_MULTIPLE % tensor_parallel:
         raise ValueError(
             f"parallel.sequence_parallel splits each sequence over the {tensor_parallel} TP ranks, but sequences are "
             f"padded to multiples of {SEQUENCE_MULTIPLE}: use a tensor parallel size that divides {SEQUENCE_MULTIPLE} "
@@ -97,13 +94,10 @@ def check_sequence_parallel(*, tensor_parallel: int, sequence_parallel: bool) ->
 
 
 def check_recompute(arch: Qwen3Arch, *, pipeline_parallel: int, granularity: str, method: str, num_layers: int) -> None:
-    """ValueError naming the recompute field whose value this model and PP size cannot take."""
-    if granularity not in ("none", "selective", "full"):
-        raise ValueError(f"parallel.recompute_granularity must be 'none', 'selective' or 'full', got {granularity!r}")
+    """ValueError naming the recompute field whose value this model and PP size cannot take
+    (the values themselves are the config's check, and Megatron's)."""
     if granularity != "full":
         return
-    if method not in ("uniform", "block"):
-        raise ValueError(f"parallel.recompute_method must be 'uniform' or 'block', got {method!r}")
     per_stage = arch.num_layers // pipeline_parallel
     if method == "uniform" and per_stage % num_layers:
         raise ValueError(
