@@ -315,7 +315,8 @@ def plan_layout(
         max_prompt_tokens=config.data.max_prompt_tokens, max_response_tokens=config.rollout.max_response_tokens,
         prompts_per_step=sched.prompts_per_step, group_size=config.algorithm.group_size,
         minibatches_per_step=sched.minibatches_per_step, micro_batch_size=sched.micro_batch_size,
-        sequence_parallel=par.sequence_parallel, recompute=_describe_recompute(par), memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
+        sequence_parallel=par.sequence_parallel, recompute=_describe_recompute(par),
+        memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
         rollout=_rollout_estimate(config, arch, gpu_memory_bytes, sequence_length), rollout_gpus=rollout_gpus,
     )
     if not allow_overflow:
