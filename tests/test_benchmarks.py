@@ -1,6 +1,8 @@
 """Benchmarks are not tests; CI only checks that they run (small shapes) and report."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,34 @@ def test_rollout_benchmark_runs(tmp_path):
     run_quick("bench_rollout.py", out, 900)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["push_s"] > 0 and row["fleet_tokens_per_s"] > 0 and row["bare_tokens_per_s"] > 0
+
+
+def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
+    """`benchmarks/gpu/`'s scripts at CPU smoke sizes (their numbers mean nothing here),
+    then summarize.py over them and over the committed H100 anatomy figures."""
+    gpu = ROOT / "benchmarks" / "gpu"
+    for args in (
+        ["bench_fused_loss.py", "--tokens", "64", "--hidden", "32", "--vocab", "512", "--repeats", "1",
+         "--methods", "torch", "naive", "--out", str(tmp_path / "fused_tp1.json")],
+        ["bench_train_step.py", "--arch", "qwen3-tiny", "--steps", "2", "--prompts", "2", "--group-size", "2",
+         "--prompt-tokens", "16", "--hint-tokens", "8", "--response-tokens", "16",
+         "--out", str(tmp_path / "train_step.json")],
+    ):
+        result = subprocess.run([sys.executable, str(gpu / args[0]), *args[1:]], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "MASTER_PORT": "29631"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copy(ROOT / "benchmarks/results/gpu_h100_2026-11-27_tma/experimental_run5/anatomy.json", tmp_path)
+
+    result = subprocess.run([sys.executable, str(gpu / "summarize.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.strip() == result.stdout.strip()  # printed and written alike
+    fused = json.loads((tmp_path / "fused_tp1.json").read_text())
+    assert fused["methods"]["torch"]["ms"] > 0 and "| torch |" in summary and "| naive |" in summary
+    step = json.loads((tmp_path / "train_step.json").read_text())
+    assert [len(step["losses"][name]["steps_s"]) for name in ("kernel", "naive")] == [2, 2]
+    assert "(2) |" in summary  # the steps' spread is shown next to their median
+    anatomy = json.loads((tmp_path / "anatomy.json").read_text())
+    rows = [line for line in summary.splitlines() if line.startswith("| M")]
+    assert len(rows) == len(anatomy["configs"]) and sum(line.endswith("| yes |") for line in rows) == 1

@@ -76,6 +76,9 @@ def method(name: str):
     if name == "liger_chunked":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
+        # A fresh compile per use: after the 4096-token precision run, recompiling for the
+        # timed shape failed inside dynamo's dynamic-shape guards (torch 2.11, H100 run 5).
+        torch._dynamo.reset()
         loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=True, chunk_size=1024)
         return lambda student, teacher, weight, targets, upstream: loss(student, weight, teacher, weight, targets)
     raise ValueError(name)

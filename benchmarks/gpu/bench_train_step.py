@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--hint-tokens", type=int, default=128)
     parser.add_argument("--response-tokens", type=int, default=760)
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per loss (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per loss (after one warm-up step)")
     parser.add_argument("--arch", default="qwen3-0.6b", help="model shape (qwen3-tiny for a CPU smoke run)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

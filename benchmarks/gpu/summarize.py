@@ -1,6 +1,6 @@
 """Tables from the JSON files of `benchmarks/gpu/run.sh` (printed and written as markdown).
 
-    python benchmarks/gpu/summarize.py DIR    # reads DIR/fused_tp*.json, DIR/train_step.json
+    python benchmarks/gpu/summarize.py DIR    # reads DIR/fused_tp*.json, train_step.json, anatomy.json
 """
 
 from __future__ import annotations
@@ -81,15 +81,38 @@ def step_table(report: dict) -> list[str]:
         f"{report['student_length']} tokens ({report['response_tokens_per_step']} response tokens) — "
         f"{report['card']}, {report['date']}",
         "",
-        "| loss | step s (median) | response tokens/s | peak GiB | peak over resident GiB |",
-        "|---|---|---|---|---|",
+        "| loss | step s (median) | min–max (steps) | response tokens/s | peak GiB | peak over resident GiB |",
+        "|---|---|---|---|---|---|",
     ]
     for name, result in report["losses"].items():
         if "error" in result:
-            lines.append(f"| {name} | {result['error'][:100]} | | | |")
+            lines.append(f"| {name} | {result['error'][:100]} | | | | |")
         else:
-            lines.append(f"| {name} | {result['step_s']:.3f} | {result['response_tokens_per_s']:.0f} | "
+            steps = result["steps_s"]
+            lines.append(f"| {name} | {result['step_s']:.3f} | {min(steps):.3f}–{max(steps):.3f} ({len(steps)}) | "
+                         f"{result['response_tokens_per_s']:.0f} | "
                          f"{result['peak_memory_gib']:.2f} | {result['peak_over_resident_gib']:.2f} |")
+    return lines
+
+
+def anatomy_table(report: dict) -> list[str]:
+    """The forward kernel's GEMM loop alone against the whole kernel, per configuration."""
+    tokens, hidden, rows = report["shape"]
+    lines = [
+        f"### Forward kernel anatomy, N = {tokens}, H = {hidden}, V/tp = {rows}, bf16 — {report['card']}",
+        "",
+        f"cuBLAS, the two logit GEMMs: {report['cublas_2gemm_ms']:.2f} ms.",
+        "",
+        "| configuration | loop ms | loop / cuBLAS | kernel ms | kernel / loop | tuner's pick |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in report["configs"].items():
+        if "error" in result:
+            lines.append(f"| {name} | {result['error'][:90]} | | | | |")
+        else:
+            lines.append(f"| {name} | {result['loop_ms']:.1f} | {result['loop_over_cublas']:.2f} | "
+                         f"{result['kernel_ms']:.1f} | {result['kernel_over_loop']:.2f} | "
+                         f"{'yes' if result['chosen'] else ''} |")
     return lines
 
 
@@ -100,7 +123,10 @@ def main() -> None:
         lines += fused_table(json.loads(path.read_text())) + [""]
     step = directory / "train_step.json"
     if step.exists():
-        lines += step_table(json.loads(step.read_text()))
+        lines += step_table(json.loads(step.read_text())) + [""]
+    anatomy = directory / "anatomy.json"
+    if anatomy.exists():
+        lines += anatomy_table(json.loads(anatomy.read_text()))
     text = "\n".join(lines) + "\n"
     (directory / "summary.md").write_text(text)
     print(text)

@@ -73,19 +73,21 @@ class KernelConfig:
 # Candidates timed once per shape on the GPU (the first call of a shape pays for it);
 # the interpreter runs the small one.
 GPU_CONFIGS = (
+    # Pointer loads first: the tuner checks its pick against the first configuration that ran.
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, group_m=16),
     KernelConfig(128, 64, 64, num_warps=8, num_stages=3),  # smaller tiles: for GPUs with less
     KernelConfig(64, 64, 64, num_warps=4, num_stages=4),  # shared memory than an H100's
-)
-# Not yet measured on a GPU (benchmarks/gpu/NOTES.md): tuned only with
-# SDPG_TRITON_EXPERIMENTAL=1 (benchmarks/gpu/run.sh sets it), and only where the GPU and
-# the inputs allow TMA, until a measurement earns them a place above.
-EXPERIMENTAL_CONFIGS = (
+    # TMA tile loads (Hopper and newer, aligned inputs only): the best pointer-load time was
+    # 1.07-1.27x the best TMA time in all 16 shapes tuned on an H100 (benchmarks/gpu/NOTES.md).
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, group_m=16, tma=True),
+)
+# Tuned only with SDPG_TRITON_EXPERIMENTAL=1: the flattened forward loop was slower than the
+# plain one in every shape measured on an H100 (benchmarks/gpu/NOTES.md, run 5).
+EXPERIMENTAL_CONFIGS = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True, flatten=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, flatten=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, flatten=True),
