@@ -80,13 +80,14 @@ GPU_CONFIGS = (
     KernelConfig(128, 64, 64, num_warps=8, num_stages=3),  # smaller tiles: for GPUs with less
     KernelConfig(64, 64, 64, num_warps=4, num_stages=4),  # shared memory than an H100's
     # TMA tile loads (Hopper and newer, aligned inputs only): the best pointer-load time was
-    # 1.07-1.27x the best TMA time in all 16 shapes tuned on an H100 (benchmarks/gpu/NOTES.md).
+    # 1.03-1.27x the best TMA time in all 24 shapes tuned on an H100 (benchmarks/gpu/NOTES.md).
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, group_m=16, tma=True),
 )
 # Tuned only with SDPG_TRITON_EXPERIMENTAL=1: the flattened forward loop was slower than the
-# plain one in every shape measured on an H100 (benchmarks/gpu/NOTES.md, run 5).
+# plain one in 11 of 12 shapes on an H100 (benchmarks/gpu/NOTES.md, run 5; larger TMA tiles,
+# measured in run 8, lost everywhere and are not kept).
 EXPERIMENTAL_CONFIGS = (
     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True, flatten=True),
     KernelConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, flatten=True),
