@@ -22,3 +22,4 @@ bench: install
 	$(PYTHON) benchmarks/bench_conversion.py
 	$(PYTHON) benchmarks/bench_rollout.py
 	$(PYTHON) benchmarks/bench_recompute.py
+	$(PYTHON) benchmarks/bench_teacher_scope.py

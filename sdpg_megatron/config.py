@@ -13,6 +13,7 @@ from typing import Callable, Literal, Union, get_args, get_origin, get_type_hint
 
 AnchorKind = Literal["none", "urkl", "ufkl", "fkl", "rkl"]
 GateKind = Literal["none", "positive_advantage"]
+TeacherScope = Literal["needed", "all"]
 BetaSchedule = Literal["warmup_decay", "constant"]
 AdvantageReweighting = Literal["none", "rlsd"]
 WeightTransport = Literal["gloo", "nccl"]  # trainer → engine wire of a weight push
@@ -39,6 +40,10 @@ class AlgorithmConfig:
     beta_warmup_steps: int = 50
     beta_decay_steps: int = 350
     gate: GateKind = "positive_advantage"
+    # Which samples the teacher pass runs on: "needed" only those the loss uses it for
+    # (A > 0 under the gate, none while β(k) = 0; every sample for RLSD), "all" every
+    # sample, so that opd_kl is also reported over the gated-off tokens.
+    teacher_scope: TeacherScope = "needed"
     # Reference-policy anchor on sampled tokens.
     anchor: AnchorKind = "urkl"
     alpha: float = 1e-3
@@ -383,6 +388,10 @@ def _validate_algorithm(c: AlgorithmConfig) -> None:
     _require(
         c.gate in ("none", "positive_advantage"), p + "gate",
         f"must be 'none' or 'positive_advantage', got {c.gate!r}",
+    )
+    _require(
+        c.teacher_scope in ("needed", "all"), p + "teacher_scope",
+        f"must be 'needed' or 'all', got {c.teacher_scope!r}",
     )
     _require(
         c.anchor in ("none", "urkl", "ufkl", "fkl", "rkl"), p + "anchor",

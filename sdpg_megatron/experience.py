@@ -17,7 +17,7 @@ lengths (METHOD.md, "Data").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -68,6 +68,10 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return int(self.targets.numel())
 
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """The same micro-batch with every tensor on `device` (the model's)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 SEQUENCE_MULTIPLE = 8  # step batches pad sequences to multiples of this (sequence parallelism splits them by TP)
 
@@ -109,12 +113,13 @@ def minibatch_sample_ids(batch: StepBatch, num_minibatches: int, dp_size: int, d
 
 
 def micro_batches(
-    batch: StepBatch, sample_ids: list[int], micro_batch_size: int, advantages: torch.Tensor, pad_id: int
+    batch: StepBatch, sample_ids: list[int], micro_batch_size: int, advantages: torch.Tensor, pad_id: int,
+    device: torch.device | str = "cpu",
 ) -> list[MicroBatch]:
     """Pack `sample_ids` into micro-batches of `micro_batch_size` rows (the last may be
-    shorter when the count does not divide)."""
+    shorter when the count does not divide), on `device`."""
     return [
-        _pack(batch, sample_ids[i : i + micro_batch_size], advantages, pad_id)
+        _pack(batch, sample_ids[i : i + micro_batch_size], advantages, pad_id).to(device)
         for i in range(0, len(sample_ids), micro_batch_size)
     ]
 

@@ -13,6 +13,7 @@ micro-batch's flat token order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,12 +21,12 @@ import torch.distributed as dist
 
 from sdpg_megatron.algo import sdpg_loss
 from sdpg_megatron.config import Config
-from sdpg_megatron.experience import MicroBatch, StepBatch
+from sdpg_megatron.experience import MicroBatch, StepBatch, micro_batches
 from sdpg_megatron.model.convert import check_mcore_source, load_mcore_weights
 from sdpg_megatron.model.hf_mapping import load_hf_weights
 from sdpg_megatron.model.provider import response_states
 from sdpg_megatron.model.training import StepResult, build_frozen, build_policy, forward_only, train_step
-from sdpg_megatron.parallel import padded_vocab_size, vocab_parallel_token_stats
+from sdpg_megatron.parallel import TokenStats, padded_vocab_size, vocab_parallel_token_stats
 from sdpg_megatron.parallel.groups import ParallelGroups
 
 # Loss metrics reduced over micro-batches and data-parallel ranks (token-weighted means).
@@ -33,6 +34,15 @@ LOSS_METRICS = (
     "loss", "outcome_loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
     "opd_kl", "gate_frac", "anchor", "ref_kl_k3", "entropy", "rollout_logprob_abs_diff",
 )
+
+
+@dataclass
+class TeacherStates:
+    """The teacher pass's result for one student micro-batch (last pipeline stage)."""
+
+    states: torch.Tensor  # [n, H] detached final hidden states at the response positions
+    logprobs: torch.Tensor | None  # [n] log q(y_t), for RLSD
+    rows: torch.Tensor | None = None  # [n] the micro-batch's token rows they are for; None: all
 
 
 class ModelPasses:
@@ -66,9 +76,9 @@ class ModelPasses:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _stats(self, hidden: torch.Tensor, weight: torch.Tensor, mb: MicroBatch, teacher=None):
+    def _stats(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher=None) -> TokenStats:
         return vocab_parallel_token_stats(
-            hidden, weight, mb.targets, teacher, group=self.groups.loss_tp_group,
+            hidden, weight, targets, teacher, group=self.groups.loss_tp_group,
             vocab_size=self.arch.vocab_size, temperature=self.config.rollout.temperature,
             backend=self.config.model.loss_backend,
         )
@@ -105,17 +115,87 @@ class ModelPasses:
     def reference_logprobs(self, batch: StepBatch, mbs: list[MicroBatch]) -> list[torch.Tensor]:
         """[N] log π_ref(y_t) per micro-batch (last stage; empty list elsewhere)."""
         return self._forward_only(self.reference, batch, mbs, "student",
-                                  lambda states, weight, mb: self._stats(states, weight, mb).logprobs)
+                                  lambda states, weight, mb: self._stats(states, weight, mb.targets).logprobs)
 
-    def teacher_states(self, batch: StepBatch, mbs: list[MicroBatch]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(teacher hidden states [N, H], log q(y_t) [N] or None) per micro-batch (last stage)."""
+    def teacher_states(self, batch: StepBatch, mbs: list[MicroBatch],
+                       needed: torch.Tensor | None = None) -> list[TeacherStates | None]:
+        """The teacher pass over `mbs`: per micro-batch (last stage; an empty list elsewhere)
+        the teacher's hidden states at its response tokens, and log q(y_t) for RLSD.
+
+        `needed` ([samples] bool, `algo.teacher_sample_mask`): the samples the loss uses the
+        teacher for. Only those run, packed into as few micro-batches as they fill; each
+        student micro-batch then gets its needed tokens' rows, or None when it has none.
+        None: every sample, in the student's own micro-batches."""
         need_logprobs = self.config.algorithm.advantage_reweighting == "rlsd"
 
         def collect(states, weight, mb):
-            logprobs = self._stats(states, weight.detach(), mb).logprobs if need_logprobs else None
+            logprobs = self._stats(states, weight.detach(), mb.targets).logprobs if need_logprobs else None
             return states.detach(), logprobs
 
-        return self._forward_only(self.policy.model, batch, mbs, "teacher", collect)
+        order = [int(i) for mb in mbs for i in mb.sample_ids.cpu().unique_consecutive()]  # samples with tokens
+        if needed is None or all(needed[i] for i in order):
+            outputs = self._forward_only(self.policy.model, batch, mbs, "teacher", collect)
+            return [TeacherStates(states, logprobs) for states, logprobs in outputs]
+        if need_logprobs:
+            raise ValueError("RLSD reweights every token by log q(y_t): the teacher must run on every sample")
+        ids = [i for i in order if needed[i]]
+        rows_per_mb = mbs[0].tokens.shape[0]
+        outputs = []
+        if ids:
+            # the pipeline schedule sends [s, micro-batch, H] between stages: with PP every
+            # micro-batch is full, so the last is topped up with repeats (their rows dropped)
+            filler = -len(ids) % rows_per_mb if self.groups.pp_size > 1 else 0
+            teacher_mbs = micro_batches(batch, ids + ids[-1:] * filler, rows_per_mb, torch.zeros(len(batch.samples)),
+                                        0, device=mbs[0].tokens.device)
+            outputs = self._forward_only(self.policy.model, batch, teacher_mbs, "teacher", collect)
+        if not self.groups.is_last_stage:
+            return []
+        start, offset = {}, 0  # each needed sample's first row in `states`
+        for i in ids:
+            start[i] = offset
+            offset += len(batch.samples[i].response)
+        states = torch.cat([s for s, _ in outputs])[:offset] if outputs else None
+        result = []
+        for mb in mbs:
+            sample_ids = mb.sample_ids.cpu()
+            keep = needed[sample_ids]
+            if not keep.any():
+                result.append(None)
+                continue
+            source = torch.cat([torch.arange(start[i], start[i] + len(batch.samples[i].response))
+                                for i in sample_ids[keep].unique_consecutive().tolist()])
+            rows = None if keep.all() else keep.nonzero().squeeze(1).to(states.device)
+            result.append(TeacherStates(states[source.to(states.device)], None, rows))
+        return result
+
+    def _loss_stats(self, states: torch.Tensor, weight: torch.Tensor, mb: MicroBatch,
+                    teacher: TeacherStates | None, use_kl: bool) -> tuple[TokenStats, torch.Tensor | None]:
+        """The student's token statistics, with the reverse KL where the teacher ran, and
+        the mask of those tokens when it did not run for all (their KL is 0: gated off)."""
+        if not use_kl:
+            return self._stats(states, weight, mb.targets), None
+        if teacher is None:  # no token of this micro-batch needs the teacher
+            stats = self._stats(states, weight, mb.targets)
+            zeros = torch.zeros_like(stats.logprobs)
+            return stats._replace(reverse_kl=zeros), zeros.bool()
+        if teacher.rows is None:
+            return self._stats(states, weight, mb.targets, teacher.states), None
+        rows = teacher.rows
+        ran = torch.zeros(mb.num_tokens, dtype=torch.bool, device=states.device)
+        ran[rows] = True
+        others = (~ran).nonzero().squeeze(1)
+        with_teacher = self._stats(states[rows], weight, mb.targets[rows], teacher.states)
+        without = self._stats(states[others], weight, mb.targets[others])
+        inverse = torch.empty(mb.num_tokens, dtype=torch.long, device=states.device)
+        inverse[torch.cat([rows, others])] = torch.arange(mb.num_tokens, device=states.device)
+
+        def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a, b])[inverse]
+
+        stats = TokenStats(logprobs=merge(with_teacher.logprobs, without.logprobs),
+                           entropy=merge(with_teacher.entropy, without.entropy),
+                           reverse_kl=merge(with_teacher.reverse_kl, torch.zeros_like(without.logprobs)))
+        return stats, ran
 
     def train(self, batch: StepBatch, mbs: list[MicroBatch], step: int, teacher, reference, *,
               first_minibatch: bool) -> StepResult:
@@ -138,18 +218,23 @@ class ModelPasses:
                 if mb.num_tokens == 0:  # every response empty: nothing to learn, keep the graph
                     return hidden_states.sum() * 0.0, num_tokens, {}
                 states = response_states(hidden_states, mb.response_mask)
-                teacher_states, teacher_logprobs = teacher[j] if teacher is not None else (None, None)
-                stats = self._stats(states, module.output_weight(), mb, teacher_states if use_kl else None)
+                teacher_j = teacher[j] if teacher is not None else None
+                stats, kl_ran = self._loss_stats(states, module.output_weight(), mb, teacher_j,
+                                                 use_kl and teacher is not None)
                 loss, metrics = sdpg_loss(
                     logprobs=stats.logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
                     mask=torch.ones_like(stats.logprobs), step=step, total_steps=cfg.schedule.total_steps,
                     config=cfg.algorithm, reverse_kl=stats.reverse_kl,
                     ref_logprobs=None if reference is None else reference[j],
-                    teacher_logprobs=teacher_logprobs, entropy=stats.entropy, num_tokens=1.0,
+                    teacher_logprobs=None if teacher_j is None else teacher_j.logprobs,
+                    entropy=stats.entropy, num_tokens=1.0, reverse_kl_mask=kl_ran,
                 )
                 # token-weighted sums, so the reduction over micro-batches and ranks is exact
                 # ("loss" already is one: the normaliser is applied by Megatron, see training.py)
                 sums = {k: metrics[k] * (1 if k == "loss" else mb.num_tokens) for k in LOSS_METRICS if k in metrics}
+                if kl_ran is not None and "opd_kl" in sums:  # a mean over the tokens the teacher ran for
+                    sums["opd_kl/tokens"] = kl_ran.sum().to(torch.float64)
+                    sums["opd_kl"] = metrics["opd_kl"] * sums["opd_kl/tokens"]
                 if first_minibatch:
                     sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - mb.old_logprobs).abs().sum()
                 sums["tokens"] = torch.tensor(float(mb.num_tokens))
@@ -173,7 +258,7 @@ class ModelPasses:
         if self._contributes():
             for mbs, values in zip(shapes, per_token):
                 for mb, value in zip(mbs, values):
-                    totals.index_add_(0, mb.sample_ids, fn(mb, value).double())
+                    totals.index_add_(0, mb.sample_ids.cpu(), fn(mb, value).double().cpu())
         dist.all_reduce(totals)
         return totals
 
@@ -188,7 +273,7 @@ class ModelPasses:
                     for i, key in enumerate(LOSS_METRICS):
                         if key in report:
                             sums[2 * i] += float(report[key])
-                            sums[2 * i + 1] += tokens
+                            sums[2 * i + 1] += float(report.get(f"{key}/tokens", tokens))
         dist.all_reduce(sums)
         metrics = {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOSS_METRICS) if sums[2 * i + 1] > 0}
         metrics["train_tokens"] = sums[-1].item()

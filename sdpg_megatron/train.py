@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sdpg_megatron.algo import current_beta, group_relative_advantages
+from sdpg_megatron.algo import current_beta, group_relative_advantages, teacher_sample_mask
 from sdpg_megatron.config import (
     Config, algorithm_preset, apply_overrides, config_from_dict, config_to_dict, validate,
 )
@@ -112,6 +112,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         """One rollout step k = `step` (1-based); returns the driver's metrics (others: {})."""
         cfg, timer = self.config, PhaseTimer()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         started = time.perf_counter()
         driver_metrics = {}
 
@@ -128,20 +129,23 @@ class Trainer:
         reference = None
         if self.passes.reference is not None:
             with timer("reference"):
-                shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, zero_advantages, 0) for ids in plan]
+                shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, zero_advantages, 0, device)
+                          for ids in plan]
                 reference = [self.passes.reference_logprobs(batch, mbs) for mbs in shapes]
             if cfg.algorithm.kl_in_reward_coef > 0:
                 k1 = self.passes.sum_per_sample(batch, shapes, reference, lambda mb, ref: mb.old_logprobs - ref)
                 rewards = rewards - cfg.algorithm.kl_in_reward_coef * k1
         advantages = group_relative_advantages(rewards, batch.group_size, cfg.algorithm.advantage_eps).float()
+        # the samples the loss uses the teacher for (A > 0 under the gate): the teacher pass skips the rest
+        needed = teacher_sample_mask(cfg.algorithm, advantages, step, cfg.schedule.total_steps)
 
         results = []
         for m, ids in enumerate(plan):
-            mbs = micro_batches(batch, ids, cfg.schedule.micro_batch_size, advantages, 0)
+            mbs = micro_batches(batch, ids, cfg.schedule.micro_batch_size, advantages, 0, device)
             teacher = None
             if cfg.algorithm.uses_teacher:
                 with timer("teacher"):
-                    teacher = self.passes.teacher_states(batch, mbs)
+                    teacher = self.passes.teacher_states(batch, mbs, needed)
             with timer("train"):
                 results.append(self.passes.train(batch, mbs, step, teacher, None if reference is None else reference[m],
                                                  first_minibatch=m == 0))
@@ -159,6 +163,7 @@ class Trainer:
             "advantage_abs_mean": advantages.abs().mean().item(),
             # groups whose rewards were all equal: no outcome signal, OPD gated off
             "zero_advantage_groups": (advantages.reshape(-1, batch.group_size).abs().amax(1) == 0).float().mean().item(),
+            **({"teacher_samples_frac": needed.float().mean().item()} if cfg.algorithm.uses_teacher else {}),
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
             "skipped_updates": sum(not r.update_successful for r in results),
             "weights/version": self.driver.fleet.version,

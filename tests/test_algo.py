@@ -17,6 +17,7 @@ from sdpg_megatron.algo import (
     rlsd_lambda,
     rlsd_token_advantages,
     sdpg_loss,
+    teacher_sample_mask,
 )
 
 # --------------------------------------------------------------------------- advantages
@@ -288,6 +289,54 @@ def test_gate_blocks_distillation_on_non_positive_advantage():
     assert metrics["gate_frac"].item() == pytest.approx(4 / 10)
 
 
+def test_opd_kl_metric_averages_where_the_teacher_ran():
+    """With the teacher run only for some tokens (zeros elsewhere), opd_kl is the mean
+    over those; the loss and its gradients do not change when the others are gated."""
+    config = cfg.sdpg_urkl()
+    full = _batch()
+    loss_full, metrics_full = sdpg_loss(**full, step=100, total_steps=400, config=config, num_tokens=10.0)
+    loss_full.backward()
+
+    partial = _batch()
+    ran = partial["advantages"] > 0
+    with torch.no_grad():
+        partial["reverse_kl"][~ran] = 0.0
+    loss, metrics = sdpg_loss(**partial, step=100, total_steps=400, config=config, num_tokens=10.0,
+                              reverse_kl_mask=ran)
+    loss.backward()
+    assert loss.item() == loss_full.item()
+    torch.testing.assert_close(partial["logprobs"].grad, full["logprobs"].grad, rtol=0, atol=0)
+    torch.testing.assert_close(partial["reverse_kl"].grad, full["reverse_kl"].grad, rtol=0, atol=0)
+    counted = ran & (partial["mask"] > 0)
+    expected = (full["reverse_kl"].detach() * counted).sum() / counted.sum()
+    assert metrics["opd_kl"].item() == pytest.approx(expected.item())
+    assert metrics_full["opd_kl"].item() != pytest.approx(expected.item())
+
+    _, metrics = sdpg_loss(**_batch(), step=100, total_steps=400, config=config,
+                           reverse_kl_mask=torch.zeros(12, dtype=torch.bool))
+    assert metrics["opd_kl"].item() == 0.0  # no token: the passes then give it weight 0
+
+
+@pytest.mark.parametrize("preset, step, expected", [
+    ("sdpg-urkl", 100, "positive"),  # β(k) > 0, gate A > 0
+    ("sdpg-urkl", 400, "none"),  # β(T) = 0 after the decay
+    ("opcd", 1, "all"),  # no gate
+    ("rlsd", 1, "all"),  # β = 0, but every token's advantage is reweighted by log q(y_t)
+    ("grpo", 1, "none"),  # no teacher at all
+])
+def test_teacher_sample_mask(preset, step, expected):
+    advantages = torch.tensor([1.5, 0.0, -0.7, 0.2, 0.0, -1.0])
+    config = cfg.algorithm_preset(preset)
+    needed = teacher_sample_mask(config, advantages, step, 400)
+    assert needed.dtype == torch.bool and needed.shape == advantages.shape
+    want = {"positive": advantages > 0, "none": torch.zeros(6, dtype=torch.bool),
+            "all": torch.ones(6, dtype=torch.bool)}[expected]
+    assert torch.equal(needed, want)
+    if config.uses_teacher:  # teacher_scope="all": every sample, e.g. for opd_kl over all tokens
+        config.teacher_scope = "all"
+        assert teacher_sample_mask(config, advantages, step, 400).all()
+
+
 def test_all_equal_groups_are_finite_and_opd_off():
     rewards = torch.ones(8)
     advantages = group_relative_advantages(rewards, 4).double()
@@ -324,6 +373,8 @@ def test_presets_by_name_and_validation():
         cfg.validate(cfg.AlgorithmConfig(clip_low=1.5))
     with pytest.raises(ValueError, match="algorithm.use_outcome"):
         cfg.validate(cfg.AlgorithmConfig(use_outcome=False, beta_base=0.0, alpha=0.0))
+    with pytest.raises(ValueError, match="algorithm.teacher_scope: must be 'needed' or 'all', got 'some'"):
+        cfg.validate(cfg.AlgorithmConfig(teacher_scope="some"))
 
 
 def test_loss_backend_setting():

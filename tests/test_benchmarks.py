@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,6 +45,17 @@ def test_rollout_benchmark_runs(tmp_path):
     assert row["push_s"] > 0 and row["fleet_tokens_per_s"] > 0 and row["bare_tokens_per_s"] > 0
 
 
+def test_teacher_scope_benchmark_runs(tmp_path):
+    out = tmp_path / "teacher_scope.json"
+    result = run_quick("bench_teacher_scope.py", out, 300)
+    assert "needed / all:" in result.stdout
+    record = json.loads(out.read_text())
+    assert record["batch"]["samples_with_positive_advantage"] == 6
+    assert record["scopes"]["all"]["teacher_samples"] == 16 and record["scopes"]["needed"]["teacher_samples"] == 6
+    first = record["first_step"]
+    assert first["needed"]["loss"] == pytest.approx(first["all"]["loss"], rel=1e-6)
+
+
 def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
     """`benchmarks/gpu/`'s scripts at CPU smoke sizes (their numbers mean nothing here),
     then summarize.py over them and over the committed H100 anatomy figures."""
@@ -67,6 +80,7 @@ def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
     fused = json.loads((tmp_path / "fused_tp1.json").read_text())
     assert fused["methods"]["torch"]["ms"] > 0 and "| torch |" in summary and "| naive |" in summary
     step = json.loads((tmp_path / "train_step.json").read_text())
+    assert not [name for name, loss in step["losses"].items() if "error" in loss], step["losses"]
     assert [len(step["losses"][name]["steps_s"]) for name in ("kernel", "naive")] == [2, 2]
     assert "(2) |" in summary  # the steps' spread is shown next to their median
     anatomy = json.loads((tmp_path / "anatomy.json").read_text())

@@ -165,6 +165,13 @@ def test_presets_use_their_terms(report):
     assert first["sdpg-urkl"]["beta"] == pytest.approx(1e-3) and "opd_kl" in first["sdpg-urkl"]
     assert "ref_kl_k3" not in first["rlsd"] and "opd_kl" not in first["rlsd"]
     assert "anchor" in first["ablation-beta0"] and "anchor" not in first["ablation-alpha0"]
+    # the teacher pass runs where the loss uses it: every sample without a gate or for RLSD,
+    # under the gate only the samples with A > 0 (never all: a group's best answers)
+    assert first["opcd"]["teacher_samples_frac"] == 1.0 and first["rlsd"]["teacher_samples_frac"] == 1.0
+    assert "teacher_samples_frac" not in first["grpo"]
+    for preset in ("sdpg-urkl", "sdpg-ufkl", "ablation-alpha0"):
+        for m in report[preset]["metrics"]:
+            assert 0.0 <= m["teacher_samples_frac"] < 1.0
     # the warm-started policy answers some prompts right and some wrong
     assert any(0 < m["accuracy"] < 1 for preset in PRESETS for m in report[preset]["metrics"])
 

@@ -18,7 +18,6 @@ place of the kernels); its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -45,8 +44,8 @@ from sdpg_megatron.passes import ModelPasses  # noqa: E402
 class NaiveLossPasses(ModelPasses):
     """The same passes with the loss on full [N, V] fp32 logits (TP = 1 only)."""
 
-    def _stats(self, hidden, weight, mb, teacher=None) -> TokenStats:
-        return naive_token_stats(hidden, weight, mb.targets, teacher, vocab_size=self.arch.vocab_size,
+    def _stats(self, hidden, weight, targets, teacher=None) -> TokenStats:
+        return naive_token_stats(hidden, weight, targets, teacher, vocab_size=self.arch.vocab_size,
                                  temperature=self.config.rollout.temperature, dtype=torch.float32,
                                  matmul_in_input_dtype=True)
 
@@ -68,12 +67,6 @@ def synthetic_batch(num_prompts: int, group_size: int, prompt: int, hint: int, r
 
 
 CUDA = torch.cuda.is_available()
-
-
-def to_device(mb):
-    if not CUDA:
-        return mb
-    return dataclasses.replace(mb, **{f.name: getattr(mb, f.name).cuda() for f in dataclasses.fields(mb)})
 
 
 def synchronize() -> None:
@@ -121,7 +114,7 @@ def main() -> None:
     batch, advantages = synthetic_batch(args.prompts, args.group_size, args.prompt_tokens, args.hint_tokens,
                                         args.response_tokens, arch.vocab_size, seed=0)
     ids = list(range(len(batch.samples)))
-    mbs = [to_device(mb) for mb in micro_batches(batch, ids, args.micro_batch_size, advantages, 0)]
+    mbs = micro_batches(batch, ids, args.micro_batch_size, advantages, 0, "cuda" if CUDA else "cpu")
     response_tokens = sum(mb.num_tokens for mb in mbs)
     report = {"card": torch.cuda.get_device_name() if CUDA else "cpu (smoke run)",
               "date": datetime.date.today().isoformat(),

@@ -33,6 +33,26 @@ def current_beta(config: AlgorithmConfig, step: int, total_steps: int) -> float:
     )
 
 
+def teacher_sample_mask(config: AlgorithmConfig, advantages: torch.Tensor, step: int, total_steps: int) -> torch.Tensor:
+    """[samples] bool: the samples whose tokens the loss needs the teacher for at step k.
+
+    The teacher enters the loss through β(k) · m_i · KL(p ‖ SG q) alone, unless RLSD
+    reweights every token's advantage by log q(y_t). So with `teacher_scope="needed"`: every
+    sample for RLSD; none while β(k) = 0; with the positive-advantage gate, the samples with
+    A_i > 0. Skipping the rest changes neither the loss nor its gradient, only which
+    tokens opd_kl averages over. `teacher_scope="all"` keeps every sample."""
+    everyone = torch.ones(advantages.shape, dtype=torch.bool)
+    if not config.uses_teacher:
+        return ~everyone
+    if config.teacher_scope == "all" or config.advantage_reweighting == "rlsd":
+        return everyone
+    if current_beta(config, step, total_steps) <= 0:
+        return ~everyone
+    if config.gate == "positive_advantage":
+        return advantages.detach().cpu() > 0
+    return everyone
+
+
 def sdpg_loss(
     *,
     logprobs: torch.Tensor,
@@ -47,6 +67,7 @@ def sdpg_loss(
     teacher_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     num_tokens: torch.Tensor | float | None = None,
+    reverse_kl_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SDPG loss and detached metrics.
 
@@ -63,6 +84,9 @@ def sdpg_loss(
         teacher_logprobs: [T] log q(y_t); required for RLSD reweighting.
         entropy: [T] per-token entropy, only reported.
         num_tokens: Σ_i |y_i| over the whole mini-batch; defaults to mask.sum().
+        reverse_kl_mask: [T] bool, the tokens whose reverse_kl was computed when the teacher
+            ran for some samples only (`teacher_sample_mask`; the others hold zeros and are
+            gated off). opd_kl is then the mean over these; None: every token.
 
     Returns:
         (loss, metrics): scalar loss already divided by num_tokens; metrics are detached
@@ -105,7 +129,11 @@ def sdpg_loss(
     beta = current_beta(config, step, total_steps)
     metrics["beta"] = torch.tensor(beta, dtype=torch.float64)
     if reverse_kl is not None:
-        metrics["opd_kl"] = token_mean(reverse_kl)
+        if reverse_kl_mask is None:
+            metrics["opd_kl"] = token_mean(reverse_kl)
+        else:
+            computed = mask * reverse_kl_mask.to(mask.dtype)
+            metrics["opd_kl"] = ((reverse_kl.detach() * computed).sum() / computed.sum().clamp_min(1.0)).detach()
     if beta > 0:
         if reverse_kl is None:
             raise ValueError(f"reverse_kl is required: β(k={step}) = {beta:g} > 0")

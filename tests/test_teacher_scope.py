@@ -1,0 +1,137 @@
+"""The teacher pass runs only on the samples the loss needs it for, and the step is the same.
+
+With the positive-advantage gate a sample with A ≤ 0 contributes β·0·KL: its teacher hidden
+states are never used. `ModelPasses.teacher_states(..., needed)` packs only the needed
+samples into the teacher's micro-batches, and the training pass computes the reverse KL only
+for their tokens. This checks, at TP2, PP2 and DP2, that one optimizer step gives the same
+loss, gradient norm and weights as the teacher run on every sample; that the teacher ran
+on fewer micro-batches; and that opd_kl is then the mean over the gated tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+VOCAB = 512
+# (advantage, response length) per sample, in micro-batches of 2: all needed; mixed, the
+# needed sample second; none needed (A = 0 and A < 0); needed with an empty response.
+SAMPLES = [(1.0, 5), (0.5, 3), (-1.0, 6), (0.8, 4), (0.0, 2), (-0.3, 4), (0.9, 0), (-0.2, 3)]
+MICRO_BATCH = 2
+
+
+def _batch():
+    from sdpg_megatron.experience import Sample, make_step_batch
+
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for index, (_, length) in enumerate(SAMPLES):
+        prompt = torch.randint(0, VOCAB, (4,), generator=generator).tolist()
+        hint = torch.randint(0, VOCAB, (3,), generator=generator).tolist()
+        response = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        samples.append(Sample(group=index // 4, student_prompt=prompt, teacher_prompt=prompt + hint, response=response,
+                              old_logprobs=[-6.0] * length, reward=0.0, correct=False))
+    return make_step_batch(1, samples, 4), torch.tensor([a for a, _ in SAMPLES])
+
+
+def _step(tp: int, pp: int, scope: str) -> dict:
+    from sdpg_megatron.algo import teacher_sample_mask
+    from sdpg_megatron.config import Config, sdpg_urkl
+    from sdpg_megatron.experience import micro_batches
+    from sdpg_megatron.model.qwen3 import qwen3_tiny
+    from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
+    from sdpg_megatron.passes import ModelPasses
+
+    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=0)
+    try:
+        config = Config()
+        config.algorithm = sdpg_urkl()
+        config.algorithm.teacher_scope = scope
+        config.algorithm.beta_base = 0.5  # a KL term large enough to move the step
+        config.algorithm.beta_schedule = "constant"
+        config.algorithm.anchor, config.algorithm.alpha = "none", 0.0  # no π_ref: not what is tested
+        config.model.loss_backend = "torch"
+        config.optimizer.lr, config.optimizer.lr_warmup_steps = 1e-3, 0
+        passes = ModelPasses(config, groups, None, arch=qwen3_tiny(vocab_size=VOCAB, num_layers=2))
+        teacher_batches = []
+        forward_only = passes._forward_only
+
+        def counting(model, batch, mbs, view, collect):
+            if view == "teacher":
+                teacher_batches.append(len(mbs))
+            return forward_only(model, batch, mbs, view, collect)
+
+        passes._forward_only = counting
+        batch, advantages = _batch()
+        per_rank = len(SAMPLES) // groups.dp_size  # at DP2 rank 1's only needed sample has no tokens
+        ids = list(range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank))
+        mbs = micro_batches(batch, ids, MICRO_BATCH, advantages, 0)
+        needed = teacher_sample_mask(config.algorithm, advantages, 1, 10)
+        teacher = passes.teacher_states(batch, mbs, needed)
+        result = passes.train(batch, mbs, 1, teacher, None, first_minibatch=True)
+        weights = torch.cat([p.detach().flatten() for p in passes.policy.module.parameters()])
+        report = {"grad_norm": result.grad_norm, "teacher_batches": teacher_batches,
+                  "weights_sum": weights.double().sum().item(), "weights_abs": weights.double().abs().sum().item(),
+                  "last": groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0}
+        if report["last"]:
+            report["rows"] = ["skipped" if t is None else ("all" if t.rows is None else t.rows.tolist()) for t in teacher]
+            report["losses"] = [{k: float(v) for k, v in r.items()} for r in result.losses]
+        return report
+    finally:
+        destroy_parallel()
+
+
+def _worker(rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)
+    return {f"tp{tp}pp{pp}/{scope}": _step(tp, pp, scope)
+            for tp, pp in ((2, 1), (1, 2), (1, 1)) for scope in ("all", "needed")}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return run_distributed(_worker, 2, timeout_s=600)
+
+
+def _last(reports, key):
+    (report,) = [r[key] for r in reports if r[key]["last"]]
+    return report
+
+
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2", "tp1pp1"])  # tp1pp1: DP2
+def test_skipping_gated_samples_keeps_the_step(reports, layout):
+    full, needed = _last(reports, f"{layout}/all"), _last(reports, f"{layout}/needed")
+    loss = lambda r: sum(x["loss"] for x in r["losses"])  # noqa: E731
+    assert loss(needed) == pytest.approx(loss(full), rel=1e-6, abs=1e-9)
+    assert needed["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+    assert needed["weights_sum"] == pytest.approx(full["weights_sum"], rel=1e-6)
+    assert needed["weights_abs"] == pytest.approx(full["weights_abs"], rel=1e-6)
+    assert full["grad_norm"] > 0
+
+
+def test_data_parallel_ranks_may_run_different_teacher_passes(reports):
+    """At DP2 rank 0 runs the teacher on 3 samples and rank 1 on none; the step above is
+    still the same, and nothing waits on the other rank."""
+    assert [r["tp1pp1/needed"]["teacher_batches"] for r in reports] == [[2], []]
+    assert [r["tp1pp1/all"]["teacher_batches"] for r in reports] == [[2], [2]]
+    assert reports[0]["tp1pp1/needed"]["rows"] == ["all", [6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2"])
+def test_the_teacher_runs_on_the_needed_samples_only(reports, layout):
+    full, needed = _last(reports, f"{layout}/all"), _last(reports, f"{layout}/needed")
+    assert full["teacher_batches"] == [4]  # every sample, in the student's micro-batches
+    assert needed["teacher_batches"] == [2]  # samples 0, 1 and 3 (6 has no tokens)
+    assert full["rows"] == ["all"] * 4
+    assert needed["rows"] == ["all", [6, 7, 8, 9], "skipped", "skipped"]
+
+
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2"])
+def test_opd_kl_is_the_mean_over_the_tokens_the_teacher_ran_for(reports, layout):
+    full, needed = _last(reports, f"{layout}/all"), _last(reports, f"{layout}/needed")
+    counted = [r.get("opd_kl/tokens") for r in needed["losses"]]
+    assert counted == [None, 4.0, 0.0, 0.0]
+    assert all("opd_kl/tokens" not in r for r in full["losses"])
+    # the per-token KL of the needed tokens is the same either way: micro-batch 0 is all needed
+    assert needed["losses"][0]["opd_kl"] == pytest.approx(full["losses"][0]["opd_kl"], rel=1e-5)
