@@ -32,6 +32,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from sdpg_megatron.algo import teacher_sample_mask  # noqa: E402
 from sdpg_megatron.config import Config, sdpg_urkl  # noqa: E402
 from sdpg_megatron.experience import Sample, make_step_batch, micro_batches  # noqa: E402
 from sdpg_megatron.model.qwen3 import qwen3_preset  # noqa: E402
@@ -74,11 +75,11 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def one_step(passes: ModelPasses, batch, mbs, step: int) -> float:
+def one_step(passes: ModelPasses, batch, mbs, step: int, needed=None) -> float:
     synchronize()
     start = time.perf_counter()
     reference = passes.reference_logprobs(batch, mbs)
-    teacher = passes.teacher_states(batch, mbs)
+    teacher = passes.teacher_states(batch, mbs, needed)
     result = passes.train(batch, mbs, step, teacher, reference, first_minibatch=True)
     synchronize()
     if not result.update_successful:
@@ -96,6 +97,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per loss (after one warm-up step)")
     parser.add_argument("--arch", default="qwen3-0.6b", help="model shape (qwen3-tiny for a CPU smoke run)")
+    parser.add_argument("--teacher-scope", choices=["all", "needed"], default="all",
+                        help="algorithm.teacher_scope: 'needed' runs the teacher on the half of the "
+                             "samples with A > 0 only (both losses alike)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -108,6 +112,7 @@ def main() -> None:
     arch = qwen3_preset(args.arch)
     config = Config()
     config.algorithm = sdpg_urkl()
+    config.algorithm.teacher_scope = args.teacher_scope
     config.model.params_dtype = "bfloat16"
     config.schedule.micro_batch_size = args.micro_batch_size
 
@@ -115,10 +120,13 @@ def main() -> None:
                                         args.response_tokens, arch.vocab_size, seed=0)
     ids = list(range(len(batch.samples)))
     mbs = micro_batches(batch, ids, args.micro_batch_size, advantages, 0, "cuda" if CUDA else "cpu")
+    # at a step with β(k) > 0 the gate decides: the samples with A > 0 (under teacher_scope=needed)
+    needed = teacher_sample_mask(config.algorithm, advantages, 100, 400)
     response_tokens = sum(mb.num_tokens for mb in mbs)
     report = {"card": torch.cuda.get_device_name() if CUDA else "cpu (smoke run)",
               "date": datetime.date.today().isoformat(),
               "model": f"{args.arch} shape, random init, local spec, bf16", "samples": len(batch.samples),
+              "teacher_scope": args.teacher_scope, "teacher_samples": int(needed.sum()),
               "student_length": batch.student_length, "teacher_length": batch.teacher_length,
               "response_tokens_per_step": response_tokens, "micro_batches": len(mbs), "losses": {}}
 
@@ -127,11 +135,11 @@ def main() -> None:
         passes = cls(config, groups, None, arch=arch)
         synchronize()
         try:
-            warm = one_step(passes, batch, mbs, 1)
+            warm = one_step(passes, batch, mbs, 1, needed)
             if CUDA:
                 torch.cuda.reset_peak_memory_stats()
             allocated = torch.cuda.memory_allocated() if CUDA else 0
-            times = [one_step(passes, batch, mbs, 2 + k) for k in range(args.steps)]
+            times = [one_step(passes, batch, mbs, 2 + k, needed) for k in range(args.steps)]
             median = statistics.median(times)
             peak = torch.cuda.max_memory_allocated() if CUDA else 0
             report["losses"][name] = {

@@ -1,6 +1,6 @@
 """Tables from the JSON files of `benchmarks/gpu/run.sh` (printed and written as markdown).
 
-    python benchmarks/gpu/summarize.py DIR    # reads DIR/fused_tp*.json, train_step.json, anatomy.json
+    python benchmarks/gpu/summarize.py DIR    # reads DIR/fused_tp*.json, train_step*.json, anatomy.json
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def tuning_lines(key: str, tuning: dict) -> list[str]:
 def step_table(report: dict) -> list[str]:
     lines = [
         f"### One SDPG step, {report['model']}, {report['samples']} samples × "
-        f"{report['student_length']} tokens ({report['response_tokens_per_step']} response tokens) — "
-        f"{report['card']}, {report['date']}",
+        f"{report['student_length']} tokens ({report['response_tokens_per_step']} response tokens)"
+        + (f", teacher on {report['teacher_samples']} of {report['samples']} samples ({report['teacher_scope']})"
+           if "teacher_scope" in report else "")
+        + f" — {report['card']}, {report['date']}",
         "",
         "| loss | step s (median) | min–max (steps) | response tokens/s | peak GiB | peak over resident GiB |",
         "|---|---|---|---|---|---|",
@@ -121,8 +123,7 @@ def main() -> None:
     lines = []
     for path in sorted(directory.glob("fused_tp*.json")):
         lines += fused_table(json.loads(path.read_text())) + [""]
-    step = directory / "train_step.json"
-    if step.exists():
+    for step in sorted(directory.glob("train_step*.json")):
         lines += step_table(json.loads(step.read_text())) + [""]
     anatomy = directory / "anatomy.json"
     if anatomy.exists():
