@@ -23,7 +23,6 @@ Writes benchmarks/results/teacher_scope_cpu.json (or --out).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -37,11 +36,14 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+
+from bench_recompute import bench_arch  # noqa: E402  (the same model as the recomputation benchmark)
 
 from sdpg_megatron.algo import group_relative_advantages, teacher_sample_mask  # noqa: E402
 from sdpg_megatron.config import Config, sdpg_urkl  # noqa: E402
 from sdpg_megatron.experience import Sample, make_step_batch, micro_batches  # noqa: E402
-from sdpg_megatron.model.qwen3 import qwen3_tiny  # noqa: E402
 from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel  # noqa: E402
 from sdpg_megatron.passes import ModelPasses  # noqa: E402
 
@@ -63,15 +65,6 @@ def step_batch(vocab: int, prompt: int, hint: int, response: int):
     batch = make_step_batch(1, samples, len(REWARDS[0]))
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     return batch, group_relative_advantages(rewards, batch.group_size, 1e-6).float()
-
-
-def bench_arch(quick: bool):
-    if quick:
-        return qwen3_tiny(vocab_size=512, num_layers=2)
-    return dataclasses.replace(
-        qwen3_tiny(vocab_size=4096, num_layers=8), hidden_size=512, ffn_hidden_size=1536,
-        num_attention_heads=8, num_query_groups=4, kv_channels=64,
-    )
 
 
 def build(scope: str, arch) -> ModelPasses:
