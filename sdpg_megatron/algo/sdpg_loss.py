@@ -98,8 +98,8 @@ def sdpg_loss(
     zero = torch.zeros_like(logprobs)
     metrics: dict[str, torch.Tensor] = {}
 
-    def token_mean(values: torch.Tensor) -> torch.Tensor:
-        return ((values.detach() * mask).sum() / mask.sum().clamp_min(1.0)).detach()
+    def token_mean(values: torch.Tensor, over: torch.Tensor = mask) -> torch.Tensor:
+        return ((values.detach() * over).sum() / over.sum().clamp_min(1.0)).detach()
 
     per_token = zero
     if config.use_outcome:
@@ -129,11 +129,8 @@ def sdpg_loss(
     beta = current_beta(config, step, total_steps)
     metrics["beta"] = torch.tensor(beta, dtype=torch.float64)
     if reverse_kl is not None:
-        if reverse_kl_mask is None:
-            metrics["opd_kl"] = token_mean(reverse_kl)
-        else:
-            computed = mask * reverse_kl_mask.to(mask.dtype)
-            metrics["opd_kl"] = ((reverse_kl.detach() * computed).sum() / computed.sum().clamp_min(1.0)).detach()
+        computed = mask if reverse_kl_mask is None else mask * reverse_kl_mask.to(mask.dtype)
+        metrics["opd_kl"] = token_mean(reverse_kl, computed)
     if beta > 0:
         if reverse_kl is None:
             raise ValueError(f"reverse_kl is required: β(k={step}) = {beta:g} > 0")
