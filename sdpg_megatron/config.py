@@ -106,6 +106,14 @@ class ModelConfig:
     # The fused loss's per-rank body: "auto" = Triton kernels for bf16 on a GPU, the
     # chunked torch loop otherwise; "torch" forces the loop (see parallel/vocab_parallel.py).
     loss_backend: Literal["auto", "torch", "triton"] = "auto"
+    # How the training loss gets its gradient: "stats" = per-token statistics, then the loss
+    # through autograd (the backward recomputes the logits: 6 GEMMs of (N, H, V/tp) with a
+    # teacher); "single_pass" = in the forward, chunk by chunk (4 GEMMs, chunk logits held:
+    # `vocab_parallel_token_loss`); "auto" = single_pass for bf16/fp16 on a GPU, stats otherwise.
+    loss_mode: Literal["auto", "stats", "single_pass"] = "auto"
+    # single_pass only: ∂W of the output layer accumulated in fp32 over the token stages
+    # (+4·V/tp·H bytes) instead of in the weight's dtype (one rounding per stage).
+    loss_fp32_grad_weight: bool = False
 
 
 @dataclass(kw_only=True)
@@ -439,6 +447,9 @@ def _validate_model(c: ModelConfig) -> None:
     _require(bool(c.hf_dir), "model.hf_dir", "set it to a Hugging Face Qwen3 directory (config.json + safetensors)")
     _require(c.params_dtype in ("float32", "bfloat16"), "model.params_dtype", "must be 'float32' or 'bfloat16'")
     _require(c.loss_backend in ("auto", "torch", "triton"), "model.loss_backend", "must be 'auto', 'torch' or 'triton'")
+    _require(c.loss_mode in ("auto", "stats", "single_pass"), "model.loss_mode",
+             "must be 'auto', 'stats' or 'single_pass'")
+    _require(isinstance(c.loss_fp32_grad_weight, bool), "model.loss_fp32_grad_weight", "must be true or false")
 
 
 def _validate_parallel(c: ParallelConfig) -> None:

@@ -19,14 +19,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sdpg_megatron.algo import sdpg_loss
+from sdpg_megatron.algo import sdpg_loss, token_terms
 from sdpg_megatron.config import Config
 from sdpg_megatron.experience import MicroBatch, StepBatch, micro_batches
 from sdpg_megatron.model.convert import check_mcore_source, load_mcore_weights
 from sdpg_megatron.model.hf_mapping import load_hf_weights
 from sdpg_megatron.model.provider import response_states
 from sdpg_megatron.model.training import StepResult, build_frozen, build_policy, forward_only, train_step
-from sdpg_megatron.parallel import TokenStats, padded_vocab_size, vocab_parallel_token_stats
+from sdpg_megatron.parallel import (
+    TokenStats, padded_vocab_size, vocab_parallel_token_loss, vocab_parallel_token_stats,
+)
 from sdpg_megatron.parallel.groups import ParallelGroups
 
 # Loss metrics reduced over micro-batches and data-parallel ranks (token-weighted means).
@@ -168,24 +170,50 @@ class ModelPasses:
             result.append(TeacherStates(states[source.to(states.device)], None, rows))
         return result
 
+    def _single_pass(self) -> bool:
+        """Whether the training loss takes its gradient in the forward (`model.loss_mode`)."""
+        mode = self.config.model.loss_mode
+        if mode == "auto":
+            return torch.cuda.is_available() and self.config.model.params_dtype != "float32"
+        return mode == "single_pass"
+
     def _loss_stats(self, states: torch.Tensor, weight: torch.Tensor, mb: MicroBatch,
-                    teacher: TeacherStates | None, use_kl: bool) -> tuple[TokenStats, torch.Tensor | None]:
+                    teacher: TeacherStates | None, use_kl: bool, token_loss=None,
+                    ) -> tuple[TokenStats, torch.Tensor | None, torch.Tensor | None]:
         """The student's token statistics, with the reverse KL where the teacher ran, and
-        the mask of those tokens when it did not run for all (their KL is 0: gated off)."""
+        the mask of those tokens when it did not run for all (their KL is 0: gated off).
+
+        token_loss: None, or `(index, with_teacher) → token_loss` of
+        `vocab_parallel_token_loss` for the micro-batch's tokens `index` (None: all); the
+        loss is then taken in the same sweep and returned third (else None)."""
+        def run(index, teacher_states):
+            hidden = states if index is None else states[index]
+            targets = mb.targets if index is None else mb.targets[index]
+            if token_loss is None:
+                return None, self._stats(hidden, weight, targets, teacher_states)
+            return vocab_parallel_token_loss(
+                hidden, weight, targets, teacher_states, token_loss=token_loss(index, teacher_states is not None),
+                group=self.groups.loss_tp_group, vocab_size=self.arch.vocab_size,
+                temperature=self.config.rollout.temperature, backend=self.config.model.loss_backend,
+                fp32_grad_weight=self.config.model.loss_fp32_grad_weight,
+            )
+
         if not use_kl:
-            return self._stats(states, weight, mb.targets), None
+            loss, stats = run(None, None)
+            return stats, None, loss
         if teacher is None:  # no token of this micro-batch needs the teacher
-            stats = self._stats(states, weight, mb.targets)
+            loss, stats = run(None, None)
             zeros = torch.zeros_like(stats.logprobs)
-            return stats._replace(reverse_kl=zeros), zeros.bool()
+            return stats._replace(reverse_kl=zeros), zeros.bool(), loss
         if teacher.rows is None:
-            return self._stats(states, weight, mb.targets, teacher.states), None
+            loss, stats = run(None, teacher.states)
+            return stats, None, loss
         rows = teacher.rows
         ran = torch.zeros(mb.num_tokens, dtype=torch.bool, device=states.device)
         ran[rows] = True
         others = (~ran).nonzero().squeeze(1)
-        with_teacher = self._stats(states[rows], weight, mb.targets[rows], teacher.states)
-        without = self._stats(states[others], weight, mb.targets[others])
+        loss_with, with_teacher = run(rows, teacher.states)
+        loss_without, without = run(others, None)
         inverse = torch.empty(mb.num_tokens, dtype=torch.long, device=states.device)
         inverse[torch.cat([rows, others])] = torch.arange(mb.num_tokens, device=states.device)
 
@@ -195,7 +223,7 @@ class ModelPasses:
         stats = TokenStats(logprobs=merge(with_teacher.logprobs, without.logprobs),
                            entropy=merge(with_teacher.entropy, without.entropy),
                            reverse_kl=merge(with_teacher.reverse_kl, torch.zeros_like(without.logprobs)))
-        return stats, ran
+        return stats, ran, None if token_loss is None else loss_with + loss_without
 
     def train(self, batch: StepBatch, mbs: list[MicroBatch], step: int, teacher, reference, *,
               first_minibatch: bool) -> StepResult:
@@ -219,16 +247,42 @@ class ModelPasses:
                     return hidden_states.sum() * 0.0, num_tokens, {}
                 states = response_states(hidden_states, mb.response_mask)
                 teacher_j = teacher[j] if teacher is not None else None
-                stats, kl_ran = self._loss_stats(states, module.output_weight(), mb, teacher_j,
-                                                 use_kl and teacher is not None)
+                reference_j = None if reference is None else reference[j]
+                teacher_logprobs = None if teacher_j is None else teacher_j.logprobs
+                with_kl = use_kl and teacher is not None
+
+                def token_loss(index, with_teacher):
+                    """The micro-batch loss's terms for its tokens `index`, chunk by chunk."""
+                    def chunk_loss(stats, rows):
+                        picked = rows if index is None else index[rows]
+
+                        def pick(values):
+                            return None if values is None else values[picked]
+
+                        reverse_kl = stats.reverse_kl if with_teacher else \
+                            (torch.zeros_like(stats.logprobs) if with_kl else None)
+                        return token_terms(
+                            logprobs=stats.logprobs, old_logprobs=pick(mb.old_logprobs),
+                            advantages=pick(mb.advantages), step=step, total_steps=cfg.schedule.total_steps,
+                            config=cfg.algorithm, reverse_kl=reverse_kl, ref_logprobs=pick(reference_j),
+                            teacher_logprobs=pick(teacher_logprobs),
+                        ).per_token.sum()
+                    return chunk_loss
+
+                stats, kl_ran, fused_loss = self._loss_stats(
+                    states, module.output_weight(), mb, teacher_j, with_kl,
+                    token_loss=token_loss if self._single_pass() else None)
+                if fused_loss is not None:  # the gradient is in it; the metrics come from the statistics
+                    stats = TokenStats(*(None if t is None else t.detach() for t in stats))
                 loss, metrics = sdpg_loss(
                     logprobs=stats.logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
                     mask=torch.ones_like(stats.logprobs), step=step, total_steps=cfg.schedule.total_steps,
-                    config=cfg.algorithm, reverse_kl=stats.reverse_kl,
-                    ref_logprobs=None if reference is None else reference[j],
-                    teacher_logprobs=None if teacher_j is None else teacher_j.logprobs,
-                    entropy=stats.entropy, num_tokens=1.0, reverse_kl_mask=kl_ran,
+                    config=cfg.algorithm, reverse_kl=stats.reverse_kl, ref_logprobs=reference_j,
+                    teacher_logprobs=teacher_logprobs, entropy=stats.entropy, num_tokens=1.0, reverse_kl_mask=kl_ran,
                 )
+                if fused_loss is not None:
+                    loss = fused_loss
+                    metrics["loss"] = fused_loss.detach()
                 # token-weighted sums, so the reduction over micro-batches and ranks is exact
                 # ("loss" already is one: the normaliser is applied by Megatron, see training.py)
                 sums = {k: metrics[k] * (1 if k == "loss" else mb.num_tokens) for k in LOSS_METRICS if k in metrics}

@@ -62,7 +62,7 @@ def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
     gpu = ROOT / "benchmarks" / "gpu"
     for args in (
         ["bench_fused_loss.py", "--tokens", "64", "--hidden", "32", "--vocab", "512", "--repeats", "1",
-         "--methods", "torch", "naive", "--out", str(tmp_path / "fused_tp1.json")],
+         "--methods", "torch", "naive", "single_pass", "single_pass_fp32@16", "--out", str(tmp_path / "fused_tp1.json")],
         ["bench_train_step.py", "--arch", "qwen3-tiny", "--steps", "2", "--prompts", "2", "--group-size", "2",
          "--prompt-tokens", "16", "--hint-tokens", "8", "--response-tokens", "16",
          "--out", str(tmp_path / "train_step.json")],
@@ -79,9 +79,12 @@ def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
     assert summary.strip() == result.stdout.strip()  # printed and written alike
     fused = json.loads((tmp_path / "fused_tp1.json").read_text())
     assert fused["methods"]["torch"]["ms"] > 0 and "| torch |" in summary and "| naive |" in summary
+    assert fused["methods"]["single_pass_fp32@16"]["ms"] > 0 and "| single_pass_fp32@16 |" in summary
+    # fp32 logits on CPU: the bf16 gradients carry one rounding (~2e-3), naive bf16 logits ~10x that
+    assert fused["precision_4096_tokens"]["single_pass"]["grad_weight"] < 5e-3
     step = json.loads((tmp_path / "train_step.json").read_text())
     assert not [name for name, loss in step["losses"].items() if "error" in loss], step["losses"]
-    assert [len(step["losses"][name]["steps_s"]) for name in ("kernel", "naive")] == [2, 2]
+    assert [len(step["losses"][name]["steps_s"]) for name in ("kernel", "single_pass", "naive")] == [2, 2, 2]
     assert "(2) |" in summary  # the steps' spread is shown next to their median
     anatomy = json.loads((tmp_path / "anatomy.json").read_text())
     rows = [line for line in summary.splitlines() if line.startswith("| M")]

@@ -36,7 +36,7 @@ def _batch():
     return make_step_batch(1, samples, 4), torch.tensor([a for a, _ in SAMPLES])
 
 
-def _step(tp: int, pp: int, scope: str) -> dict:
+def _step(tp: int, pp: int, scope: str, mode: str = "stats") -> dict:
     from sdpg_megatron.algo import teacher_sample_mask
     from sdpg_megatron.config import Config, sdpg_urkl
     from sdpg_megatron.experience import micro_batches
@@ -53,6 +53,7 @@ def _step(tp: int, pp: int, scope: str) -> dict:
         config.algorithm.beta_schedule = "constant"
         config.algorithm.anchor, config.algorithm.alpha = "none", 0.0  # no π_ref: not what is tested
         config.model.loss_backend = "torch"
+        config.model.loss_mode = mode
         config.optimizer.lr, config.optimizer.lr_warmup_steps = 1e-3, 0
         passes = ModelPasses(config, groups, None, arch=qwen3_tiny(vocab_size=VOCAB, num_layers=2))
         teacher_batches = []
@@ -84,9 +85,16 @@ def _step(tp: int, pp: int, scope: str) -> dict:
 
 
 def _worker(rank: int, world_size: int) -> dict:
+    from sdpg_megatron.parallel import vocab_parallel
+
     torch.manual_seed(0)
-    return {f"tp{tp}pp{pp}/{scope}": _step(tp, pp, scope)
-            for tp, pp in ((2, 1), (1, 2), (1, 1)) for scope in ("all", "needed")}
+    reports = {f"tp{tp}pp{pp}/{scope}": _step(tp, pp, scope)
+               for tp, pp in ((2, 1), (1, 2), (1, 1)) for scope in ("all", "needed")}
+    # the single pass in chunks of 3 tokens (2 per stage): several chunks and stages per micro-batch
+    vocab_parallel._SINGLE_PASS_CHUNK_BYTES = {"cpu": 3 * 2 * 4 * VOCAB}
+    reports.update({f"tp{tp}pp{pp}/{scope}/single_pass": _step(tp, pp, scope, "single_pass")
+                    for tp, pp in ((2, 1), (1, 2), (1, 1)) for scope in ("all", "needed")})
+    return reports
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +143,21 @@ def test_opd_kl_is_the_mean_over_the_tokens_the_teacher_ran_for(reports, layout)
     assert all("opd_kl/tokens" not in r for r in full["losses"])
     # the per-token KL of the needed tokens is the same either way: micro-batch 0 is all needed
     assert needed["losses"][0]["opd_kl"] == pytest.approx(full["losses"][0]["opd_kl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["all", "needed"])
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2", "tp1pp1"])
+def test_single_pass_loss_gives_the_same_step(reports, layout, scope):
+    """`model.loss_mode=single_pass` (gradient in the forward, in 3-token chunks; with
+    teacher_scope=needed one call with the teacher and one without per micro-batch) against
+    the statistics-then-autograd step: loss, every metric, gradient norm and weights."""
+    stats, single = _last(reports, f"{layout}/{scope}"), _last(reports, f"{layout}/{scope}/single_pass")
+    assert single["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5)
+    assert single["weights_sum"] == pytest.approx(stats["weights_sum"], rel=1e-6)
+    assert single["weights_abs"] == pytest.approx(stats["weights_abs"], rel=1e-6)
+    for got, expected in zip(single["losses"], stats["losses"], strict=True):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            # fp32 statistics from differently shaped chunks: a KL of ~0.1 is a difference of
+            # log-sums of ~6, so agreement is to ~1e-5 absolute
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key

@@ -253,3 +253,42 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(triton_token_stats, "_INTERPRET", False)
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         resolve_backend("triton", cpu_bf16)
+
+
+# --------------------------------------------------------------------------- single pass
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_single_pass_row_kernels_match_naive_fp64_reference(tp):
+    """`vocab_parallel_token_loss(backend="triton")`: the row kernels for the statistics and
+    ∂z inside the chunked single pass, every case, at TP 1 and 2."""
+    from tests.test_single_pass_loss import _single_pass_results
+
+    per_rank = [_single_pass_results(0, 1, "triton")] if tp == 1 else run_distributed(
+        _single_pass_results, tp, "triton")
+    for case in CASES:
+        assert_matches_reference(tp, per_rank, case)
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_row_kernels_against_the_torch_rows(teacher):
+    """Several rows per program, column blocks with a ragged end, a target owned by another
+    rank (−1), and ∂z written in bf16 and in fp32."""
+    from sdpg_megatron.parallel.vocab_parallel import _TorchRows, _rescale
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, 203, generator=generator) * 3
+    student, teacher_logits = logits[0], (logits[1] if teacher else None)
+    targets = torch.tensor([3, -1, 202, 0, 57], dtype=torch.int32)
+    expected_max, expected = _TorchRows.row_partials(student, teacher_logits, targets)
+    maxima, partials = triton_token_stats.row_partials(student, teacher_logits, targets)
+    assert torch.equal(maxima, expected_max)
+    assert relative_error(_rescale(partials, maxima, expected_max, teacher), expected.double()) < 1e-6
+    coefficients = torch.randn(6, 5, generator=generator)
+    coefficients[0], coefficients[1] = torch.logsumexp(student, 1), torch.logsumexp(logits[1], 1)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
+        reference = _TorchRows.row_grads(student, teacher_logits, targets, coefficients, 0.7,
+                                         out=torch.empty(5, 203)).double()
+        out = torch.full((5, 203), float("nan"), dtype=dtype)
+        triton_token_stats.row_grads(student, teacher_logits, targets, coefficients, 0.7, out=out)
+        assert relative_error(out, reference) < tolerance, dtype

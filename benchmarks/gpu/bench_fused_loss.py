@@ -7,6 +7,11 @@ TP collectives are [2N] and [5N] floats and are not timed here), bf16 inputs:
 - naive: full logits (bf16 GEMM, then fp32) and log-softmax over [N, V/tp];
 - torch: `vocab_parallel_token_stats(backend="torch")`, the chunked oracle;
 - triton: `vocab_parallel_token_stats(backend="triton")`;
+- single_pass: `vocab_parallel_token_loss`, the loss's gradient taken in the forward: per
+  token chunk two cuBLAS logit GEMMs into fp32 buffers, Triton row kernels for the
+  statistics and ∂z, cuBLAS ∂h and ∂W per two chunks (4 GEMMs), ∂W added up in bf16 (one
+  rounding per stage; chunk 1024); `single_pass_fp32`: ∂W in an fp32 accumulator (chunk
+  512); `@C` sets the chunk to C tokens;
 - liger_jsd: Liger-Kernel's Triton `LigerFusedLinearJSD(jsd_beta=1)` = mean KL(p‖q) only;
 - liger_chunked: Liger-Kernel's chunked `LigerFusedLinearJSDLoss(beta=1)` (torch.compile);
 - gemm4 / gemm6: the lower bound, cuBLAS GEMMs of shape (N, H, V/tp) timed in the same
@@ -38,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sdpg_megatron.parallel import vocab_parallel_token_stats  # noqa: E402
+from sdpg_megatron.parallel import vocab_parallel_token_loss, vocab_parallel_token_stats  # noqa: E402
 from sdpg_megatron.parallel.reference import naive_token_stats  # noqa: E402
 
 QWEN3_4B = {"hidden": 2560, "vocab": 151936}
@@ -62,6 +67,18 @@ def method(name: str):
         def run(student, teacher, weight, targets, upstream):
             stats = vocab_parallel_token_stats(student, weight, targets, teacher, backend=name, validate=False)
             return (stats.logprobs * upstream[0] + stats.entropy * upstream[1] + stats.reverse_kl * upstream[2]).sum()
+        return run
+    if name.startswith("single_pass"):  # single_pass[_fp32][@chunk]
+        chunk_size = int(name.split("@")[1]) if "@" in name else None
+        fp32_grad_weight = name.split("@")[0].endswith("_fp32")
+
+        def run(student, teacher, weight, targets, upstream):
+            def token_loss(stats, rows):
+                return (stats.logprobs * upstream[0, rows] + stats.entropy * upstream[1, rows]
+                        + stats.reverse_kl * upstream[2, rows]).sum()
+            return vocab_parallel_token_loss(student, weight, targets, teacher, token_loss=token_loss,
+                                             chunk_size=chunk_size, fp32_grad_weight=fp32_grad_weight,
+                                             validate=False)[0]
         return run
     if name == "naive":
         def run(student, teacher, weight, targets, upstream):
@@ -177,28 +194,33 @@ def agreement(num_tokens: int, hidden: int, rows: int) -> dict:
     inputs = make_inputs(num_tokens, hidden, rows, seed=1)
     student, teacher, weight, targets, upstream = inputs
     got = {}
-    for name in ("torch", "triton"):
+    for name in ("torch", "triton", "single_pass"):
         student.grad = weight.grad = None
-        stats = vocab_parallel_token_stats(student, weight, targets, teacher, backend=name)
-        (stats.logprobs * upstream[0] + stats.entropy * upstream[1] + stats.reverse_kl * upstream[2]).sum().backward()
+        if name == "single_pass":
+            loss, stats = vocab_parallel_token_loss(student, weight, targets, teacher, token_loss=lambda st, rows: (
+                st.logprobs * upstream[0, rows] + st.entropy * upstream[1, rows] + st.reverse_kl * upstream[2, rows]).sum())
+        else:
+            stats = vocab_parallel_token_stats(student, weight, targets, teacher, backend=name)
+            loss = (stats.logprobs * upstream[0] + stats.entropy * upstream[1] + stats.reverse_kl * upstream[2]).sum()
+        loss.backward()
         got[name] = [stats.logprobs.detach(), stats.entropy.detach(), stats.reverse_kl.detach(),
                      student.grad.float(), weight.grad.float()]
     names = ["logprobs", "entropy", "reverse_kl", "grad_hidden", "grad_weight"]
-    result = {}
-    for key, oracle, fast in zip(names, got["torch"], got["triton"]):
-        result[key] = ((fast.double() - oracle.double()).norm() / oracle.double().norm()).item()
-        result[key + "_finite"] = bool(torch.isfinite(fast).all())
     # fp32 statistics agree to rounding; gradients carry one bf16 rounding of ∂z
     bounds = {"logprobs": 1e-5, "entropy": 1e-5, "reverse_kl": 1e-4, "grad_hidden": 1e-2, "grad_weight": 1e-2}
-    result["within_bounds"] = all(result[k] <= v and result[k + "_finite"] for k, v in bounds.items())
-    if not result["within_bounds"]:
-        print("!!! the Triton kernels DISAGREE with the torch oracle:", result, flush=True)
-    try:
-        from sdpg_megatron.parallel import triton_token_stats
+    result = {}
+    for fast_name in ("triton", "single_pass"):
+        prefix = "" if fast_name == "triton" else "single_pass_"
+        for key, oracle, fast in zip(names, got["torch"], got[fast_name]):
+            result[prefix + key] = ((fast.double() - oracle.double()).norm() / oracle.double().norm()).item()
+            result[prefix + key + "_finite"] = bool(torch.isfinite(fast).all())
+        result[prefix + "within_bounds"] = all(
+            result[prefix + k] <= v and result[prefix + k + "_finite"] for k, v in bounds.items())
+        if not result[prefix + "within_bounds"]:
+            print(f"!!! {fast_name} DISAGREES with the torch oracle:", result, flush=True)
+    from sdpg_megatron.parallel import vocab_parallel
 
-        result["fused_fp32_accumulate"] = triton_token_stats._fused_accumulate["works"]
-    except ImportError:
-        pass
+    result["fp32_output_gemms"] = dict(vocab_parallel._fp32_output)
     return result
 
 
@@ -223,9 +245,17 @@ def precision(num_tokens: int, hidden: int, rows: int) -> dict:
         return lambda h, w: vocab_parallel_token_stats(h, w, targets, teacher_states, backend=backend,
                                                       validate=False).reverse_kl.mean()
 
+    def single_pass(**options):
+        return lambda h, w: vocab_parallel_token_loss(
+            h, w, targets, teacher, token_loss=lambda st, rows: st.reverse_kl.sum() / num_tokens, validate=False,
+            **options)[0]
+
     reference = run(ours("torch", teacher.float()), student.float(), weight.float())
     candidates = {
         "triton": ours("triton", teacher),
+        # as many ∂W stages (2 chunks each) as at the timed 16384 tokens: 8, and 16 with fp32
+        "single_pass": single_pass(chunk_size=num_tokens // 16, fp32_grad_weight=False),
+        "single_pass_fp32": single_pass(chunk_size=num_tokens // 32, fp32_grad_weight=True),
         "naive": lambda h, w: naive_token_stats(h, w, targets, teacher, dtype=torch.float32,
                                                 matmul_in_input_dtype=True).reverse_kl.mean(),
         "liger_chunked": lambda h, w: method("liger_chunked")(h, teacher, w, targets, None),
@@ -243,6 +273,32 @@ def precision(num_tokens: int, hidden: int, rows: int) -> dict:
     return result
 
 
+def profile(name: str, inputs) -> dict:
+    """CUDA time per kernel family over one fwd+bwd (torch profiler): where the time goes."""
+    student, teacher, weight, targets, upstream = inputs
+    run = method(name)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        run(student, teacher, weight, targets, upstream).backward()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    student.grad = weight.grad = None
+    families: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for event in prof.key_averages():  # self device time: each kernel counted once, ops get 0
+        device_ms = getattr(event, "self_device_time_total", 0.0) / 1e3
+        if device_ms <= 0:
+            continue
+        name = event.key.lower()
+        family = ("cuBLAS GEMM" if any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet")) else
+                  event.key if event.key.startswith("_row_") else "other")
+        families[family] = families.get(family, 0.0) + device_ms
+        if family == "other":
+            others[event.key[:80]] = device_ms
+    top = dict(sorted(others.items(), key=lambda item: -item[1])[:8])
+    return {"device_ms": families, "other_top": top}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
@@ -250,7 +306,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=QWEN3_4B["vocab"])
     parser.add_argument("--tp", type=int, default=1, help="time one shard of V/tp rows")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=["triton", "torch", "naive", "liger_jsd", "liger_chunked"])
+    parser.add_argument("--methods", nargs="+", default=["triton", "single_pass", "single_pass_fp32", "single_pass_fp32@768", "torch", "naive",
+                                                         "liger_jsd", "liger_chunked"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -299,10 +356,18 @@ def main() -> None:
         report["methods"][name] = result
         print(name, {k: v for k, v in result.items() if k != "traceback"}, flush=True)
         save()
-    # the kernel timed a second time: the spread between two runs of the same code
-    if "error" not in report["methods"].get("triton", {"error": "not run"}):
-        report["methods"]["triton_again"] = measure("triton", inputs, args.repeats, warmup=1)
+    if "error" not in report["methods"].get("single_pass", {"error": "not run"}):
+        try:
+            report["profile_single_pass"] = profile("single_pass", inputs)
+        except Exception as error:
+            report["profile_single_pass"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        print("single_pass profile:", report["profile_single_pass"], flush=True)
         save()
+    # the kernels timed a second time: the spread between two runs of the same code
+    for name in ("triton", "single_pass"):
+        if "error" not in report["methods"].get(name, {"error": "not run"}):
+            report["methods"][name + "_again"] = measure(name, inputs, args.repeats, warmup=1)
+            save()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """One full SDPG training step of a Qwen3-0.6B-shaped Megatron model on one GPU:
-the fused loss's Triton kernels against the naive full-logits loss.
+the fused loss's Triton kernels (statistics, then autograd), its single pass (gradient in the
+forward), and the naive full-logits loss.
 
 A randomly initialised Qwen3-0.6B (28 layers, hidden 1024, vocabulary 151,936; Megatron's
 local layer spec, bf16 parameters, distributed Adam) runs the trainer's own passes
 (`ModelPasses`): π_ref log-probs, the teacher's hidden states on the privileged view, and
 the student forward/backward with the SDPG-URKL loss plus one optimizer step. The only
-difference between the two runs is how `ModelPasses._stats` turns hidden states into
-log-prob, entropy and reverse KL. Reports response tokens per second (median step) and
+difference between the runs is how hidden states become the loss: `ModelPasses._stats`
+(kernel, naive) or `vocab_parallel_token_loss` (single_pass, `model.loss_mode`). Reports response tokens per second (median step) and
 peak GPU memory for each.
 
     python benchmarks/gpu/bench_train_step.py --out step.json
@@ -22,6 +23,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,37 @@ def one_step(passes: ModelPasses, batch, mbs, step: int, needed=None) -> float:
     return time.perf_counter() - start
 
 
+# name: (passes class, model.loss_mode)
+LOSSES = {"kernel": (ModelPasses, "stats"), "single_pass": (ModelPasses, "single_pass"),
+          "naive": (NaiveLossPasses, "stats")}
+
+
+def run_each_in_its_own_process(args) -> None:
+    """This script once per loss, merged into one report. In one process a later loss would
+    start with the earlier models still allocated: Megatron's DDP keeps its parameters alive
+    through the gradient hooks it registers (H100 run 11: ~10 GiB per model left behind)."""
+    passthrough, skip = [], False
+    for token in sys.argv[1:]:
+        if token.startswith("--"):
+            skip = token in ("--losses", "--out")
+        if not skip:
+            passthrough.append(token)
+    report = None
+    for offset, name in enumerate(args.losses):
+        part = args.out.with_name(f"{args.out.stem}.{name}.json")
+        part.unlink(missing_ok=True)
+        port = int(os.environ.get("MASTER_PORT", "29517")) + 1 + offset
+        subprocess.run([sys.executable, __file__, *passthrough, "--losses", name, "--out", str(part)],
+                       env={**os.environ, "MASTER_PORT": str(port)}, check=False)
+        piece = json.loads(part.read_text()) if part.exists() else \
+            {"losses": {name: {"error": "its process ended without a report (see the output above)"}}}
+        part.unlink(missing_ok=True)
+        if report is None:
+            report = {key: value for key, value in piece.items() if key != "losses"} | {"losses": {}}
+        report["losses"].update(piece["losses"])
+        args.out.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=4)
@@ -100,8 +133,13 @@ def main() -> None:
     parser.add_argument("--teacher-scope", choices=["all", "needed"], default="all",
                         help="algorithm.teacher_scope: 'needed' runs the teacher on the half of the "
                              "samples with A > 0 only (both losses alike)")
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES),
+                        help="several: each in a process of its own (a clean GPU for its memory figures)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if len(args.losses) > 1:
+        run_each_in_its_own_process(args)
+        return
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -130,8 +168,10 @@ def main() -> None:
               "student_length": batch.student_length, "teacher_length": batch.teacher_length,
               "response_tokens_per_step": response_tokens, "micro_batches": len(mbs), "losses": {}}
 
-    for name, cls in (("kernel", ModelPasses), ("naive", NaiveLossPasses)):
-        config.model.loss_backend = "triton" if name == "kernel" and CUDA else "torch"
+    for name in args.losses:
+        cls, mode = LOSSES[name]
+        config.model.loss_backend = "torch" if name == "naive" or not CUDA else "triton"
+        config.model.loss_mode = mode
         passes = cls(config, groups, None, arch=arch)
         synchronize()
         try:
@@ -157,8 +197,6 @@ def main() -> None:
                                       "traceback": traceback.format_exc()[-3000:]}
         print(name, report["losses"][name], flush=True)
         del passes
-        if CUDA:
-            torch.cuda.empty_cache()
         args.out.write_text(json.dumps(report, indent=2))
     dist.destroy_process_group()
 

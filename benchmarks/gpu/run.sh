@@ -3,7 +3,8 @@
 #   1. bench_fused_loss.py at V/tp = 151,936 (TP1) and 75,968 (one TP2 shard): the Triton
 #      kernels against the torch oracle, then time and memory of naive / torch / Triton /
 #      Liger-Kernel against cuBLAS GEMM bounds;
-#   2. bench_train_step.py: one SDPG step of a Qwen3-0.6B-shaped model, kernel vs naive loss
+#   2. bench_train_step.py: one SDPG step of a Qwen3-0.6B-shaped model: Triton kernels, single
+#      pass and naive loss, each in a process of its own
 #      (train_step_needed: the same with the teacher pass on the samples with A > 0 only);
 #   3. bench_forward_anatomy.py: the forward kernel's GEMM loop alone vs the whole kernel;
 #   4. summarize.py: the markdown tables (summary.md).
@@ -42,8 +43,8 @@ for name in $PARTS; do
     case $name in
         fused_tp1) part fused_tp1 ${TP1_S:-240} "$PYTHON" benchmarks/gpu/bench_fused_loss.py --tp 1 --out "$OUT/fused_tp1.json" ;;
         fused_tp2) part fused_tp2 ${TP2_S:-180} "$PYTHON" benchmarks/gpu/bench_fused_loss.py --tp 2 --out "$OUT/fused_tp2.json" ;;
-        train_step) part train_step ${STEP_S:-140} "$PYTHON" benchmarks/gpu/bench_train_step.py --out "$OUT/train_step.json" ;;
-        train_step_needed) part train_step_needed ${STEP_S:-140} "$PYTHON" benchmarks/gpu/bench_train_step.py \
+        train_step) part train_step ${STEP_S:-240} "$PYTHON" benchmarks/gpu/bench_train_step.py --out "$OUT/train_step.json" ;;
+        train_step_needed) part train_step_needed ${STEP_S:-240} "$PYTHON" benchmarks/gpu/bench_train_step.py \
             --teacher-scope needed --out "$OUT/train_step_needed.json" ;;
         anatomy) part anatomy ${ANATOMY_S:-120} "$PYTHON" benchmarks/gpu/bench_forward_anatomy.py --out "$OUT/anatomy.json" ;;
         *) echo "unknown part $name (fused_tp1 fused_tp2 train_step train_step_needed anatomy)" >&2; exit 2 ;;

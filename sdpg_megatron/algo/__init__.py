@@ -8,7 +8,7 @@ from sdpg_megatron.algo.advantages import (
 from sdpg_megatron.algo.policy_loss import OutcomeTerms, clipped_outcome_loss
 from sdpg_megatron.algo.reference_kl import ANCHORS, anchor_penalty, kl_penalized_rewards
 from sdpg_megatron.algo.schedules import distill_weight
-from sdpg_megatron.algo.sdpg_loss import current_beta, sdpg_loss, teacher_sample_mask
+from sdpg_megatron.algo.sdpg_loss import current_beta, sdpg_loss, teacher_sample_mask, token_terms
 
 __all__ = [
     "ANCHORS",
@@ -23,4 +23,5 @@ __all__ = [
     "rlsd_token_advantages",
     "sdpg_loss",
     "teacher_sample_mask",
+    "token_terms",
 ]

@@ -15,10 +15,12 @@ returned losses over micro-batches and ranks is the token-mean of the paper.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from sdpg_megatron.algo.advantages import rlsd_lambda, rlsd_token_advantages
-from sdpg_megatron.algo.policy_loss import clipped_outcome_loss
+from sdpg_megatron.algo.policy_loss import OutcomeTerms, clipped_outcome_loss
 from sdpg_megatron.algo.reference_kl import anchor_penalty
 from sdpg_megatron.algo.schedules import distill_weight
 from sdpg_megatron.config import AlgorithmConfig
@@ -51,6 +53,72 @@ def teacher_sample_mask(config: AlgorithmConfig, advantages: torch.Tensor, step:
     if config.gate == "positive_advantage":
         return advantages.detach().cpu() > 0
     return everyone
+
+
+class TokenTerms(NamedTuple):
+    """The per-token pieces of the objective (before the mask and the normaliser)."""
+
+    per_token: torch.Tensor  # [T] ℓ_out + β(k)·m_i·ℓ_OPD + α·f_K, differentiable
+    outcome: OutcomeTerms | None  # the clipped outcome term, when on
+    beta: float  # β(k)
+    gate: torch.Tensor | None  # [T] m_i, when β(k) > 0
+    penalty: torch.Tensor | None  # [T] f_K(log w), when the anchor is on
+
+
+def token_terms(
+    *,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    step: int,
+    total_steps: int,
+    config: AlgorithmConfig,
+    reverse_kl: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+) -> TokenTerms:
+    """Each token's term of the SDPG objective, a function of that token's statistics alone
+    (so the loss is token-separable: `vocab_parallel_token_loss` may take it chunk by
+    chunk). Arguments as in `sdpg_loss`."""
+    per_token = torch.zeros_like(logprobs)
+    outcome = None
+    if config.use_outcome:
+        token_advantages = advantages.detach()
+        if config.advantage_reweighting == "rlsd":
+            if teacher_logprobs is None:
+                raise ValueError("teacher_logprobs is required for RLSD advantage reweighting")
+            mix = rlsd_lambda(
+                step, lambda_base=config.rlsd_lambda_base, decay_steps=config.rlsd_lambda_steps
+            )
+            token_advantages = rlsd_token_advantages(
+                token_advantages, teacher_logprobs, old_logprobs,
+                mix=mix, clip=config.rlsd_clip, log_ratio_clamp=config.log_ratio_clamp,
+            )
+        outcome = clipped_outcome_loss(
+            logprobs, old_logprobs, token_advantages,
+            clip_low=config.clip_low, clip_high=config.clip_high,
+            dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
+        )
+        per_token = per_token + outcome.loss
+
+    beta = current_beta(config, step, total_steps)
+    gate = None
+    if beta > 0:
+        if reverse_kl is None:
+            raise ValueError(f"reverse_kl is required: β(k={step}) = {beta:g} > 0")
+        if config.gate == "positive_advantage":
+            gate = (advantages.detach() > 0).to(logprobs.dtype)
+        else:
+            gate = torch.ones_like(logprobs)
+        per_token = per_token + beta * gate * reverse_kl
+
+    penalty = None
+    if config.anchor != "none" and config.alpha > 0:
+        if ref_logprobs is None:
+            raise ValueError(f"ref_logprobs is required by the {config.anchor} anchor")
+        penalty = anchor_penalty(logprobs, ref_logprobs, config.anchor)
+        per_token = per_token + config.alpha * penalty
+    return TokenTerms(per_token, outcome, beta, gate, penalty)
 
 
 def sdpg_loss(
@@ -95,58 +163,30 @@ def sdpg_loss(
     mask = mask.to(logprobs.dtype)
     if num_tokens is None:
         num_tokens = mask.sum()
-    zero = torch.zeros_like(logprobs)
     metrics: dict[str, torch.Tensor] = {}
 
     def token_mean(values: torch.Tensor, over: torch.Tensor = mask) -> torch.Tensor:
         return ((values.detach() * over).sum() / over.sum().clamp_min(1.0)).detach()
 
-    per_token = zero
-    if config.use_outcome:
-        token_advantages = advantages.detach()
-        if config.advantage_reweighting == "rlsd":
-            if teacher_logprobs is None:
-                raise ValueError("teacher_logprobs is required for RLSD advantage reweighting")
-            mix = rlsd_lambda(
-                step, lambda_base=config.rlsd_lambda_base, decay_steps=config.rlsd_lambda_steps
-            )
-            token_advantages = rlsd_token_advantages(
-                token_advantages, teacher_logprobs, old_logprobs,
-                mix=mix, clip=config.rlsd_clip, log_ratio_clamp=config.log_ratio_clamp,
-            )
-        outcome = clipped_outcome_loss(
-            logprobs, old_logprobs, token_advantages,
-            clip_low=config.clip_low, clip_high=config.clip_high,
-            dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
-        )
-        per_token = per_token + outcome.loss
+    terms = token_terms(
+        logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, step=step, total_steps=total_steps,
+        config=config, reverse_kl=reverse_kl, ref_logprobs=ref_logprobs, teacher_logprobs=teacher_logprobs,
+    )
+    if terms.outcome is not None:
+        outcome = terms.outcome
         metrics["outcome_loss"] = token_mean(outcome.loss)
         metrics["ratio_mean"] = token_mean(outcome.ratio)
         metrics["clip_frac_low"] = token_mean(outcome.clipped_low.to(mask.dtype))
         metrics["clip_frac_high"] = token_mean(outcome.clipped_high.to(mask.dtype))
         metrics["dual_clip_frac"] = token_mean(outcome.dual_clipped.to(mask.dtype))
-
-    beta = current_beta(config, step, total_steps)
-    metrics["beta"] = torch.tensor(beta, dtype=torch.float64)
+    metrics["beta"] = torch.tensor(terms.beta, dtype=torch.float64)
     if reverse_kl is not None:
         computed = mask if reverse_kl_mask is None else mask * reverse_kl_mask.to(mask.dtype)
         metrics["opd_kl"] = token_mean(reverse_kl, computed)
-    if beta > 0:
-        if reverse_kl is None:
-            raise ValueError(f"reverse_kl is required: β(k={step}) = {beta:g} > 0")
-        if config.gate == "positive_advantage":
-            gate = (advantages.detach() > 0).to(logprobs.dtype)
-        else:
-            gate = torch.ones_like(logprobs)
-        per_token = per_token + beta * gate * reverse_kl
-        metrics["gate_frac"] = token_mean(gate)
-
-    if config.anchor != "none" and config.alpha > 0:
-        if ref_logprobs is None:
-            raise ValueError(f"ref_logprobs is required by the {config.anchor} anchor")
-        penalty = anchor_penalty(logprobs, ref_logprobs, config.anchor)
-        per_token = per_token + config.alpha * penalty
-        metrics["anchor"] = token_mean(penalty)
+    if terms.gate is not None:
+        metrics["gate_frac"] = token_mean(terms.gate)
+    if terms.penalty is not None:
+        metrics["anchor"] = token_mean(terms.penalty)
     if ref_logprobs is not None:
         # k3 estimate of KL(π_θ ‖ π_ref) on sampled tokens, for monitoring.
         log_w = (logprobs - ref_logprobs).detach()
@@ -154,6 +194,6 @@ def sdpg_loss(
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy)
 
-    loss = (per_token * mask).sum() / num_tokens
+    loss = (terms.per_token * mask).sum() / num_tokens
     metrics["loss"] = loss.detach()
     return loss, metrics

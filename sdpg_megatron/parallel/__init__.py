@@ -8,7 +8,9 @@ from sdpg_megatron.parallel.vocab_parallel import (
     TokenStats,
     padded_vocab_size,
     split_vocab_shard,
+    vocab_parallel_token_loss,
     vocab_parallel_token_stats,
 )
 
-__all__ = ["TokenStats", "padded_vocab_size", "split_vocab_shard", "vocab_parallel_token_stats"]
+__all__ = ["TokenStats", "padded_vocab_size", "split_vocab_shard", "vocab_parallel_token_loss",
+           "vocab_parallel_token_stats"]
