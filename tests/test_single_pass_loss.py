@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from sdpg_megatron.parallel import split_vocab_shard, vocab_parallel_token_loss, vocab_parallel_token_stats
 from tests.distributed import run_distributed
-from tests.test_vocab_parallel import CASES, TP_SIZES, assert_matches_reference, make_inputs
+from tests.test_vocab_parallel import CASES, TP_SIZES, assert_matches_reference, counting_all_reduce, make_inputs
 
 
 def _single_pass_results(rank: int, world_size: int, backend: str = "torch", fp32_grad_weight: bool = False) -> dict:
@@ -26,20 +26,14 @@ def _single_pass_results(rank: int, world_size: int, backend: str = "torch", fp3
         student, teacher, weight, targets, mask, upstream = make_inputs(case)
         student.requires_grad_(True)
         shard = split_vocab_shard(weight, world_size, rank).clone().requires_grad_(True)
-        chunks, calls = [], []
-        original = dist.all_reduce
-
-        def counting_all_reduce(tensor, *args, **kwargs):
-            calls.append((str(kwargs.get("op", "")), tensor.numel()))
-            return original(tensor, *args, **kwargs)
+        chunks = []
 
         def token_loss(stats, rows):
             chunks.append((rows.start, rows.stop))
             outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
             return sum((o * g[rows]).sum() for o, g in zip(outputs, upstream))
 
-        dist.all_reduce = counting_all_reduce
-        try:
+        with counting_all_reduce() as calls:
             loss, stats = vocab_parallel_token_loss(
                 student, shard, targets, teacher, token_loss=token_loss, group=group, vocab_size=case.vocab,
                 temperature=case.temperature, chunk_size=case.chunk_size, mask=mask, backend=backend,
@@ -47,8 +41,6 @@ def _single_pass_results(rank: int, world_size: int, backend: str = "torch", fp3
             )
             forward_calls = list(calls)
             (3.0 * loss).backward()  # backward scales the gradient taken in the forward
-        finally:
-            dist.all_reduce = original
         outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
         expected_loss = sum((o * g).sum() for o, g in zip(outputs, upstream))
         results[case.name] = {

@@ -85,13 +85,13 @@ def _step(tp: int, pp: int, scope: str, mode: str = "stats") -> dict:
 
 
 def _worker(rank: int, world_size: int) -> dict:
-    from sdpg_megatron.parallel import vocab_parallel
+    from sdpg_megatron.parallel import single_pass
 
     torch.manual_seed(0)
     reports = {f"tp{tp}pp{pp}/{scope}": _step(tp, pp, scope)
                for tp, pp in ((2, 1), (1, 2), (1, 1)) for scope in ("all", "needed")}
     # the single pass in chunks of 3 tokens (2 per stage): several chunks and stages per micro-batch
-    vocab_parallel._SINGLE_PASS_CHUNK_BYTES = {"cpu": 3 * 2 * 4 * VOCAB}
+    single_pass._SINGLE_PASS_CHUNK_BYTES = {"cpu": 3 * 2 * 4 * VOCAB}
     reports.update({f"tp{tp}pp{pp}/{scope}/single_pass": _step(tp, pp, scope, "single_pass")
                     for tp, pp in ((2, 1), (1, 2), (1, 1)) for scope in ("all", "needed")})
     return reports

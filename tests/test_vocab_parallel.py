@@ -6,6 +6,7 @@ cases); values and both gradients must match the reference gathered over the voc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -62,6 +63,22 @@ def make_inputs(case: Case):
     return student, teacher if case.teacher else None, weight, targets, mask, upstream
 
 
+@contextlib.contextmanager
+def counting_all_reduce():
+    """Records (op, numel) of every `dist.all_reduce` inside the block."""
+    calls, original = [], dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append((str(kwargs.get("op", "")), tensor.numel()))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
+
+
 def _distributed_stats(rank: int, world_size: int, backend: str = "torch") -> dict:
     group = dist.new_group(list(range(world_size))) if world_size > 1 else None
     results = {}
@@ -69,15 +86,7 @@ def _distributed_stats(rank: int, world_size: int, backend: str = "torch") -> di
         student, teacher, weight, targets, mask, upstream = make_inputs(case)
         student.requires_grad_(True)
         shard = split_vocab_shard(weight, world_size, rank).clone().requires_grad_(True)
-        calls = []
-        original = dist.all_reduce
-
-        def counting_all_reduce(tensor, *args, **kwargs):
-            calls.append((str(kwargs.get("op", "")), tensor.numel()))
-            return original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counting_all_reduce
-        try:
+        with counting_all_reduce() as calls:
             stats = vocab_parallel_token_stats(
                 student, shard, targets, teacher, group=group, vocab_size=case.vocab,
                 temperature=case.temperature, chunk_size=case.chunk_size, mask=mask, backend=backend,
@@ -85,8 +94,6 @@ def _distributed_stats(rank: int, world_size: int, backend: str = "torch") -> di
             forward_calls = list(calls)
             outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
             sum((o * g).sum() for o, g in zip(outputs, upstream)).backward()
-        finally:
-            dist.all_reduce = original
         results[case.name] = {
             "outputs": [o.detach() for o in outputs],
             "grad_hidden": student.grad,

@@ -274,14 +274,16 @@ def test_single_pass_row_kernels_match_naive_fp64_reference(tp):
 def test_row_kernels_against_the_torch_rows(teacher):
     """Several rows per program, column blocks with a ragged end, a target owned by another
     rank (−1), and ∂z written in bf16 and in fp32."""
-    from sdpg_megatron.parallel.vocab_parallel import _TorchRows, _rescale
+    from sdpg_megatron.parallel import triton_rows
+    from sdpg_megatron.parallel.single_pass import _TorchRows
+    from sdpg_megatron.parallel.vocab_parallel import _rescale
 
     generator = torch.Generator().manual_seed(7)
     logits = torch.randn(2, 5, 203, generator=generator) * 3
     student, teacher_logits = logits[0], (logits[1] if teacher else None)
     targets = torch.tensor([3, -1, 202, 0, 57], dtype=torch.int32)
     expected_max, expected = _TorchRows.row_partials(student, teacher_logits, targets)
-    maxima, partials = triton_token_stats.row_partials(student, teacher_logits, targets)
+    maxima, partials = triton_rows.row_partials(student, teacher_logits, targets)
     assert torch.equal(maxima, expected_max)
     assert relative_error(_rescale(partials, maxima, expected_max, teacher), expected.double()) < 1e-6
     coefficients = torch.randn(6, 5, generator=generator)
@@ -290,5 +292,5 @@ def test_row_kernels_against_the_torch_rows(teacher):
         reference = _TorchRows.row_grads(student, teacher_logits, targets, coefficients, 0.7,
                                          out=torch.empty(5, 203)).double()
         out = torch.full((5, 203), float("nan"), dtype=dtype)
-        triton_token_stats.row_grads(student, teacher_logits, targets, coefficients, 0.7, out=out)
+        triton_rows.row_grads(student, teacher_logits, targets, coefficients, 0.7, out=out)
         assert relative_error(out, reference) < tolerance, dtype

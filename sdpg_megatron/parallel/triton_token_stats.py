@@ -163,6 +163,53 @@ def _grouped_program(num_rows, num_cols, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _no_stats(ROWS: tl.constexpr):
+    """`_fold_tile`'s state before the first tile: maxima −inf, sums 0."""
+    return (tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS,), tl.float32),
+            tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS,), tl.float32))
+
+
+@triton.jit
+def _fold_tile(m_s, s_s, b_s, m_t, s_t, a_st, z_s, z_t, valid, WITH_TEACHER: tl.constexpr):
+    """One [rows, columns] tile of logits (−inf where not `valid`) folded into the online
+    statistics centred on the running maxima (module docstring). Rows with no valid column
+    yet keep maximum −inf and sums 0."""
+    neg_inf = float("-inf")
+    new_m = tl.maximum(m_s, tl.max(z_s, axis=1))
+    shift = tl.where(m_s == neg_inf, 0.0, m_s - new_m)  # d = m − m' (0 before the first tile)
+    alpha = tl.exp(shift)
+    centred_s = tl.where(valid, z_s - tl.where(new_m == neg_inf, 0.0, new_m)[:, None], 0.0)
+    e_s = tl.where(valid, tl.exp(centred_s), 0.0)
+    s_old = s_s
+    s_s = alpha * s_s + tl.sum(e_s, axis=1)
+    b_s = alpha * (b_s + shift * s_old) + tl.sum(e_s * centred_s, axis=1)
+    if WITH_TEACHER:
+        new_mt = tl.maximum(m_t, tl.max(z_t, axis=1))
+        shift_t = tl.where(m_t == neg_inf, 0.0, m_t - new_mt)
+        centred_t = tl.where(valid, z_t - tl.where(new_mt == neg_inf, 0.0, new_mt)[:, None], 0.0)
+        s_t = tl.exp(shift_t) * s_t + tl.sum(tl.where(valid, tl.exp(centred_t), 0.0), axis=1)
+        a_st = alpha * (a_st + (shift - shift_t) * s_old) + tl.sum(e_s * (centred_s - centred_t), axis=1)
+        m_t = new_mt
+    return new_m, s_s, b_s, m_t, s_t, a_st
+
+
+@triton.jit
+def _store_stats(max_ptr, part_ptr, offs, mask, num_tokens, m_s, s_s, b_s, target_logit, m_t, s_t, a_st,
+                 WITH_TEACHER: tl.constexpr):
+    """The layout shared with the torch path: maxima [2 | 1, N] (student, teacher) and
+    partials [S, Sₜ, A, B, y] or [S, B, y], at one split's base pointers."""
+    num_stats = 5 if WITH_TEACHER else 3
+    tl.store(max_ptr + offs, m_s, mask=mask)
+    tl.store(part_ptr + offs, s_s, mask=mask)
+    tl.store(part_ptr + (num_stats - 2) * num_tokens + offs, b_s, mask=mask)
+    tl.store(part_ptr + (num_stats - 1) * num_tokens + offs, target_logit, mask=mask)
+    if WITH_TEACHER:
+        tl.store(max_ptr + num_tokens + offs, m_t, mask=mask)
+        tl.store(part_ptr + num_tokens + offs, s_t, mask=mask)
+        tl.store(part_ptr + 2 * num_tokens + offs, a_st, mask=mask)
+
+
+@triton.jit
 def _forward_kernel(
     hs, ht, w, tgt_ptr, max_ptr, part_ptr,
     num_tokens, hidden_size, valid_rows, cols_per_split, num_splits, inv_tau,
@@ -178,12 +225,7 @@ def _forward_kernel(
     col_end = tl.minimum(col_begin + cols_per_split, valid_rows)
 
     neg_inf = float("-inf")
-    m_s = tl.full((BLOCK_M,), neg_inf, tl.float32)
-    s_s = tl.zeros((BLOCK_M,), tl.float32)
-    b_s = tl.zeros((BLOCK_M,), tl.float32)
-    m_t = tl.full((BLOCK_M,), neg_inf, tl.float32)
-    s_t = tl.zeros((BLOCK_M,), tl.float32)
-    a_st = tl.zeros((BLOCK_M,), tl.float32)
+    m_s, s_s, b_s, m_t, s_t, a_st = _no_stats(BLOCK_M)
     target_logit = tl.zeros((BLOCK_M,), tl.float32)
 
     for n0 in tl.range(col_begin, col_end, BLOCK_N, flatten=FLATTEN):
@@ -195,38 +237,13 @@ def _forward_kernel(
         )
         z_s = tl.where(mask_n[None, :], acc_s * inv_tau, neg_inf)
         target_logit += tl.sum(tl.where(offs_n[None, :] == targets[:, None], z_s, 0.0), axis=1)
+        z_t = tl.where(mask_n[None, :], acc_t * inv_tau, neg_inf)
+        m_s, s_s, b_s, m_t, s_t, a_st = _fold_tile(
+            m_s, s_s, b_s, m_t, s_t, a_st, z_s, z_t, mask_n[None, :], WITH_TEACHER)
 
-        new_m = tl.maximum(m_s, tl.max(z_s, axis=1))
-        shift = tl.where(m_s == neg_inf, 0.0, m_s - new_m)  # d = m − m' (0 before the first tile)
-        alpha = tl.exp(shift)
-        centred_s = tl.where(mask_n[None, :], z_s - new_m[:, None], 0.0)
-        e_s = tl.where(mask_n[None, :], tl.exp(centred_s), 0.0)
-        s_old = s_s
-        s_s = alpha * s_s + tl.sum(e_s, axis=1)
-        b_s = alpha * (b_s + shift * s_old) + tl.sum(e_s * centred_s, axis=1)
-        if WITH_TEACHER:
-            z_t = tl.where(mask_n[None, :], acc_t * inv_tau, neg_inf)
-            new_mt = tl.maximum(m_t, tl.max(z_t, axis=1))
-            shift_t = tl.where(m_t == neg_inf, 0.0, m_t - new_mt)
-            centred_t = tl.where(mask_n[None, :], z_t - new_mt[:, None], 0.0)
-            e_t = tl.where(mask_n[None, :], tl.exp(centred_t), 0.0)
-            s_t = tl.exp(shift_t) * s_t + tl.sum(e_t, axis=1)
-            a_st = alpha * (a_st + (shift - shift_t) * s_old) + tl.sum(e_s * (centred_s - centred_t), axis=1)
-            m_t = new_mt
-        m_s = new_m
-
-    # Layout shared with the torch path: maxima [2 | 1, N]; partials [S, Sₜ, A, B, y] or [S, B, y].
-    max_base = max_ptr + split * (2 if WITH_TEACHER else 1) * num_tokens
-    tl.store(max_base + offs_m, m_s, mask=mask_m)
-    num_stats = 5 if WITH_TEACHER else 3
-    part_base = part_ptr + split * num_stats * num_tokens
-    tl.store(part_base + offs_m, s_s, mask=mask_m)
-    tl.store(part_base + (num_stats - 2) * num_tokens + offs_m, b_s, mask=mask_m)
-    tl.store(part_base + (num_stats - 1) * num_tokens + offs_m, target_logit, mask=mask_m)
-    if WITH_TEACHER:
-        tl.store(max_base + num_tokens + offs_m, m_t, mask=mask_m)
-        tl.store(part_base + num_tokens + offs_m, s_t, mask=mask_m)
-        tl.store(part_base + 2 * num_tokens + offs_m, a_st, mask=mask_m)
+    _store_stats(max_ptr + split * (2 if WITH_TEACHER else 1) * num_tokens,
+                 part_ptr + split * (5 if WITH_TEACHER else 3) * num_tokens, offs_m, mask_m, num_tokens,
+                 m_s, s_s, b_s, target_logit, m_t, s_t, a_st, WITH_TEACHER)
 
 
 @triton.jit
@@ -267,149 +284,6 @@ def _grad_logits_kernel(
     grad = grad * inv_tau
     out = dz_ptr + offs_m[:, None] * stride_dz + (offs_n - col_begin)[None, :]
     tl.store(out, grad.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-# --------------------------------------------------------------------------- single-pass row kernels
-# `vocab_parallel_token_loss` forms a chunk's fp32 logits with cuBLAS; these two kernels
-# reduce them to the statistics and turn them into ∂z, one program per ROWS logit rows,
-# walking the vocabulary in BLOCK-wide column blocks.
-
-
-@triton.jit
-def _row_partials_kernel(
-    s_ptr, t_ptr, tgt_ptr, max_ptr, part_ptr, num_rows, num_cols, stride,
-    WITH_TEACHER: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The forward kernel's online statistics, from stored logits instead of dots."""
-    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    mask_r = offs_r < num_rows
-    base = offs_r.to(tl.int64)[:, None] * stride
-    neg_inf = float("-inf")
-    m_s = tl.full((ROWS,), neg_inf, tl.float32)
-    s_s = tl.zeros((ROWS,), tl.float32)
-    b_s = tl.zeros((ROWS,), tl.float32)
-    m_t = tl.full((ROWS,), neg_inf, tl.float32)
-    s_t = tl.zeros((ROWS,), tl.float32)
-    a_st = tl.zeros((ROWS,), tl.float32)
-    for n0 in range(0, num_cols, BLOCK):
-        offs_n = n0 + tl.arange(0, BLOCK)
-        mask = mask_r[:, None] & (offs_n < num_cols)[None, :]
-        z_s = tl.load(s_ptr + base + offs_n[None, :], mask=mask, other=neg_inf)
-        new_m = tl.maximum(m_s, tl.max(z_s, axis=1))
-        shift = tl.where(m_s == neg_inf, 0.0, m_s - new_m)
-        alpha = tl.exp(shift)
-        centred_s = tl.where(mask, z_s - tl.where(mask_r, new_m, 0.0)[:, None], 0.0)  # rows past the end: −inf
-        e_s = tl.where(mask, tl.exp(centred_s), 0.0)
-        s_old = s_s
-        s_s = alpha * s_s + tl.sum(e_s, axis=1)
-        b_s = alpha * (b_s + shift * s_old) + tl.sum(e_s * centred_s, axis=1)
-        if WITH_TEACHER:
-            z_t = tl.load(t_ptr + base + offs_n[None, :], mask=mask, other=neg_inf)
-            new_mt = tl.maximum(m_t, tl.max(z_t, axis=1))
-            shift_t = tl.where(m_t == neg_inf, 0.0, m_t - new_mt)
-            centred_t = tl.where(mask, z_t - tl.where(mask_r, new_mt, 0.0)[:, None], 0.0)
-            s_t = tl.exp(shift_t) * s_t + tl.sum(tl.where(mask, tl.exp(centred_t), 0.0), axis=1)
-            a_st = alpha * (a_st + (shift - shift_t) * s_old) + tl.sum(e_s * (centred_s - centred_t), axis=1)
-            m_t = new_mt
-        m_s = new_m
-    targets = tl.load(tgt_ptr + offs_r, mask=mask_r, other=-1)
-    owned = mask_r & (targets >= 0)
-    target_logit = tl.load(s_ptr + offs_r.to(tl.int64) * stride + tl.maximum(targets, 0), mask=owned, other=0.0)
-
-    num_stats = 5 if WITH_TEACHER else 3
-    tl.store(max_ptr + offs_r, m_s, mask=mask_r)
-    tl.store(part_ptr + offs_r, s_s, mask=mask_r)
-    tl.store(part_ptr + (num_stats - 2) * num_rows + offs_r, b_s, mask=mask_r)
-    tl.store(part_ptr + (num_stats - 1) * num_rows + offs_r, target_logit, mask=mask_r)
-    if WITH_TEACHER:
-        tl.store(max_ptr + num_rows + offs_r, m_t, mask=mask_r)
-        tl.store(part_ptr + num_rows + offs_r, s_t, mask=mask_r)
-        tl.store(part_ptr + 2 * num_rows + offs_r, a_st, mask=mask_r)
-
-
-@triton.jit
-def _row_grads_kernel(
-    s_ptr, t_ptr, dz_ptr, tgt_ptr, coef_ptr, num_rows, num_cols, stride, stride_dz, inv_tau,
-    WITH_TEACHER: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """∂z from stored logits, into its own buffer."""
-    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    mask_r = offs_r < num_rows
-    rows64 = offs_r.to(tl.int64)[:, None]
-    log_z_s = tl.load(coef_ptr + offs_r, mask=mask_r, other=0.0)[:, None]
-    log_z_t = tl.load(coef_ptr + num_rows + offs_r, mask=mask_r, other=0.0)[:, None]
-    coef_logp = tl.load(coef_ptr + 2 * num_rows + offs_r, mask=mask_r, other=0.0)[:, None]
-    coef_logq = tl.load(coef_ptr + 3 * num_rows + offs_r, mask=mask_r, other=0.0)[:, None]
-    constant = tl.load(coef_ptr + 4 * num_rows + offs_r, mask=mask_r, other=0.0)[:, None]
-    g_target = tl.load(coef_ptr + 5 * num_rows + offs_r, mask=mask_r, other=0.0)[:, None]
-    targets = tl.load(tgt_ptr + offs_r, mask=mask_r, other=-1)[:, None]
-    for n0 in range(0, num_cols, BLOCK):
-        offs_n = n0 + tl.arange(0, BLOCK)
-        mask = mask_r[:, None] & (offs_n < num_cols)[None, :]
-        log_p = tl.load(s_ptr + rows64 * stride + offs_n[None, :], mask=mask, other=0.0) - log_z_s
-        bracket = coef_logp * log_p + constant
-        if WITH_TEACHER:
-            log_q = tl.load(t_ptr + rows64 * stride + offs_n[None, :], mask=mask, other=0.0) - log_z_t
-            bracket += coef_logq * log_q
-        grad = -tl.exp(log_p) * bracket + tl.where(offs_n[None, :] == targets, g_target, 0.0)
-        tl.store(dz_ptr + rows64 * stride_dz + offs_n[None, :], (grad * inv_tau).to(dz_ptr.dtype.element_ty), mask=mask)
-
-
-_ROW_LAUNCH = {"cuda": dict(ROWS=1, BLOCK=4096, num_warps=8), "cpu": dict(ROWS=2, BLOCK=64, num_warps=1)}
-
-
-def _row_launch(tensor: torch.Tensor) -> dict:
-    return _ROW_LAUNCH["cuda" if tensor.device.type == "cuda" else "cpu"]
-
-
-def row_partials(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                 target_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maxima [2 | 1, c] and partials [5 | 3, c] of fp32 logits [c, V/tp] (already / τ),
-    laid out as `local_partials`' (one split); target_rows: [c] int32, −1 where another
-    rank owns the target."""
-    count, cols = student_logits.shape
-    with_teacher = teacher_logits is not None
-    device = student_logits.device
-    maxima = torch.full((2 if with_teacher else 1, count), float("-inf"), device=device)
-    partials = torch.zeros(5 if with_teacher else 3, count, device=device)
-    if count == 0 or cols == 0:
-        return maxima, partials
-    _check_rows(student_logits, teacher_logits)
-    launch = _row_launch(student_logits)
-    _row_partials_kernel[(triton.cdiv(count, launch["ROWS"]),)](
-        student_logits, student_logits if teacher_logits is None else teacher_logits, target_rows.contiguous(),
-        maxima, partials, count, cols, student_logits.stride(0), WITH_TEACHER=with_teacher, **launch,
-    )
-    return maxima, partials
-
-
-def row_grads(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target_rows: torch.Tensor,
-              coefficients: torch.Tensor, temperature: float, *, out: torch.Tensor) -> torch.Tensor:
-    """out [c, V/tp] (row-major, any float dtype) ← ∂z of fp32 logits [c, V/tp];
-    coefficients: [6, c] fp32, the rows of `grads`."""
-    count, cols = student_logits.shape
-    _check_rows(student_logits, teacher_logits)
-    if out.shape != student_logits.shape or (count and cols and out.stride(1) != 1):
-        raise ValueError(f"out must be a row-major {tuple(student_logits.shape)} tensor, got "
-                         f"{tuple(out.shape)} with strides {out.stride()}")
-    if count == 0 or cols == 0:
-        return out
-    launch = _row_launch(student_logits)
-    _row_grads_kernel[(triton.cdiv(count, launch["ROWS"]),)](
-        student_logits, student_logits if teacher_logits is None else teacher_logits, out,
-        target_rows.contiguous(), coefficients.contiguous(), count, cols, student_logits.stride(0),
-        out.stride(0), 1.0 / temperature, WITH_TEACHER=teacher_logits is not None, **launch,
-    )
-    return out
-
-
-def _check_rows(student_logits, teacher_logits) -> None:
-    if student_logits.dtype != torch.float32 or student_logits.stride(1) != 1:
-        raise ValueError(f"row kernels take row-major fp32 logits, got {student_logits.dtype} "
-                         f"with strides {student_logits.stride()}")
-    if teacher_logits is not None and (teacher_logits.shape != student_logits.shape
-                                       or teacher_logits.stride() != student_logits.stride()):
-        raise ValueError("teacher logits must have the student logits' shape and strides")
 
 
 # --------------------------------------------------------------------------- launchers
