@@ -272,15 +272,13 @@ class ModelPasses:
                 stats, kl_ran, fused_loss = self._loss_stats(
                     states, module.output_weight(), mb, teacher_j, with_kl,
                     token_loss=token_loss if self._single_pass() else None)
-                if fused_loss is not None:  # the gradient is in it; the metrics come from the statistics
-                    stats = TokenStats(*(None if t is None else t.detach() for t in stats))
                 loss, metrics = sdpg_loss(
                     logprobs=stats.logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
                     mask=torch.ones_like(stats.logprobs), step=step, total_steps=cfg.schedule.total_steps,
                     config=cfg.algorithm, reverse_kl=stats.reverse_kl, ref_logprobs=reference_j,
                     teacher_logprobs=teacher_logprobs, entropy=stats.entropy, num_tokens=1.0, reverse_kl_mask=kl_ran,
                 )
-                if fused_loss is not None:
+                if fused_loss is not None:  # the gradient is in it; sdpg_loss gave the metrics
                     loss = fused_loss
                     metrics["loss"] = fused_loss.detach()
                 # token-weighted sums, so the reduction over micro-batches and ranks is exact

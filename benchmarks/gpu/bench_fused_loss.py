@@ -61,29 +61,33 @@ def make_inputs(num_tokens: int, hidden: int, rows: int, seed: int):
     return student.bfloat16().requires_grad_(True), teacher, weight.requires_grad_(True), targets, upstream
 
 
+def weighted(stats, upstream, rows=slice(None)) -> torch.Tensor:
+    """Σ upstream · (log-prob, entropy, KL) over `rows`: the loss every method backpropagates."""
+    return (stats.logprobs * upstream[0, rows] + stats.entropy * upstream[1, rows]
+            + stats.reverse_kl * upstream[2, rows]).sum()
+
+
 def method(name: str):
     """A closure (student, teacher, weight, targets, upstream) → scalar to backpropagate."""
     if name in ("torch", "triton"):
         def run(student, teacher, weight, targets, upstream):
-            stats = vocab_parallel_token_stats(student, weight, targets, teacher, backend=name, validate=False)
-            return (stats.logprobs * upstream[0] + stats.entropy * upstream[1] + stats.reverse_kl * upstream[2]).sum()
+            return weighted(vocab_parallel_token_stats(student, weight, targets, teacher, backend=name, validate=False),
+                            upstream)
         return run
     if name.startswith("single_pass"):  # single_pass[_fp32][@chunk]
         chunk_size = int(name.split("@")[1]) if "@" in name else None
         fp32_grad_weight = name.split("@")[0].endswith("_fp32")
 
         def run(student, teacher, weight, targets, upstream):
-            def token_loss(stats, rows):
-                return (stats.logprobs * upstream[0, rows] + stats.entropy * upstream[1, rows]
-                        + stats.reverse_kl * upstream[2, rows]).sum()
+            token_loss = lambda stats, rows: weighted(stats, upstream, rows)  # noqa: E731
             return vocab_parallel_token_loss(student, weight, targets, teacher, token_loss=token_loss,
                                              chunk_size=chunk_size, fp32_grad_weight=fp32_grad_weight,
                                              validate=False)[0]
         return run
     if name == "naive":
         def run(student, teacher, weight, targets, upstream):
-            stats = naive_token_stats(student, weight, targets, teacher, dtype=torch.float32, matmul_in_input_dtype=True)
-            return (stats.logprobs * upstream[0] + stats.entropy * upstream[1] + stats.reverse_kl * upstream[2]).sum()
+            return weighted(naive_token_stats(student, weight, targets, teacher, dtype=torch.float32,
+                                              matmul_in_input_dtype=True), upstream)
         return run
     if name == "liger_jsd":
         from liger_kernel.transformers import LigerFusedLinearJSD
@@ -197,11 +201,11 @@ def agreement(num_tokens: int, hidden: int, rows: int) -> dict:
     for name in ("torch", "triton", "single_pass"):
         student.grad = weight.grad = None
         if name == "single_pass":
-            loss, stats = vocab_parallel_token_loss(student, weight, targets, teacher, token_loss=lambda st, rows: (
-                st.logprobs * upstream[0, rows] + st.entropy * upstream[1, rows] + st.reverse_kl * upstream[2, rows]).sum())
+            loss, stats = vocab_parallel_token_loss(student, weight, targets, teacher,
+                                                    token_loss=lambda st, rows: weighted(st, upstream, rows))
         else:
             stats = vocab_parallel_token_stats(student, weight, targets, teacher, backend=name)
-            loss = (stats.logprobs * upstream[0] + stats.entropy * upstream[1] + stats.reverse_kl * upstream[2]).sum()
+            loss = weighted(stats, upstream)
         loss.backward()
         got[name] = [stats.logprobs.detach(), stats.entropy.detach(), stats.reverse_kl.detach(),
                      student.grad.float(), weight.grad.float()]
@@ -285,10 +289,10 @@ def profile(name: str, inputs) -> dict:
     student.grad = weight.grad = None
     families: dict[str, float] = {}
     others: dict[str, float] = {}
-    for event in prof.key_averages():  # self device time: each kernel counted once, ops get 0
-        device_ms = getattr(event, "self_device_time_total", 0.0) / 1e3
-        if device_ms <= 0:
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:  # kernels only: ops would count them again
             continue
+        device_ms = event.device_time_total / 1e3
         name = event.key.lower()
         family = ("cuBLAS GEMM" if any(k in name for k in ("gemm", "xmma", "cutlass", "nvjet")) else
                   event.key if event.key.startswith("_row_") else "other")
