@@ -60,7 +60,7 @@ def step_batch(vocab: int, prompt: int, hint: int, response: int):
         for reward in rewards:
             tokens = torch.randint(0, vocab, (response,), generator=generator).tolist()
             samples.append(Sample(group=group, student_prompt=student_prompt, teacher_prompt=teacher_prompt,
-                                  response=tokens, old_logprobs=[-8.0] * response,
+                                  response=tokens, rollout_logprobs=[-8.0] * response,
                                   reward=float(reward), correct=bool(reward)))
     batch = make_step_batch(1, samples, len(REWARDS[0]))
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)

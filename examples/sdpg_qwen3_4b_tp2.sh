@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# SDPG-URKL on Qwen3-4B: the paper's main setting (METHOD.md "Defaults"), Megatron TP2.
+# SDPG-URKL on Qwen3-4B: the paper's main setting as the authors ran it (docs/parity.md
+# compares every setting with the paper and the authors' script), Megatron TP2.
 #
-#   bash examples/sdpg_qwen3_4b_tp2.sh --dry-run   # check config, layout and memory here
-#   bash examples/sdpg_qwen3_4b_tp2.sh             # submit (sbatch) — run it again to resume
+#   bash examples/sdpg_qwen3_4b_tp2.sh --print-config   # the resolved config tree (JSON)
+#   bash examples/sdpg_qwen3_4b_tp2.sh --dry-run        # check config, layout and memory here
+#   bash examples/sdpg_qwen3_4b_tp2.sh                  # submit (sbatch) — run it again to resume
+#
+# Thinking mode on (the 4096-token response budget includes the thinking; the answer is
+# the last \boxed{} after </think>), rewards +1 / −1 plus the overlong penalty, π_old
+# recomputed by the trainer, LR warm-up over 10 rollout steps, DAPO dynamic sampling (up
+# to 10 generation batches), evaluation before training and every 10 steps.
 #
 # One node of 8 × 80 GB GPUs: GPUs 0–3 train (TP2 × DP2), GPUs 4–7 hold four vLLM engines
 # (TP1 each) that get the trainer's weights after every optimizer step. 400 steps of
@@ -61,16 +68,17 @@ SBATCH_ARGS=()
 # --- the trainer's flags, one group per concern (any config field: --set section.field=value)
 MODEL_ARGS=(--hf-dir "$HF_DIR" --set model.mcore_dir="$MCORE_DIR" --set model.params_dtype=bfloat16)
 PARALLEL_ARGS=(--tp "$TP" --pp "$PP")
-ALGO_ARGS=(--preset sdpg-urkl)                                # METHOD.md: α = β_base = 1e-3, warm-up 50, decay 350
+ALGO_ARGS=(--preset sdpg-urkl)                                # α = β_base = 1e-3, β warm-up 50, decay 350, KL clamp 20
 SCHEDULE_ARGS=(--steps 400 --seed 0
   --set schedule.prompts_per_step=128 --set algorithm.group_size=8
-  --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=1)
+  --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=1
+  --set schedule.dynamic_sampling=true --set schedule.max_generation_batches=10)  # DAPO group filter
 ROLLOUT_ARGS=(--set rollout.num_engines=4 --set rollout.engine_tensor_parallel=1 --set rollout.gpus_per_engine=1
   --set rollout.dtype=bfloat16 --set rollout.kv_cache_bytes=none --set rollout.gpu_memory_utilization=0.85
   --set rollout.max_response_tokens=4096 --set reward.overlong_buffer=512 --set reward.num_workers=16)
-DATA_ARGS=(--train-data "$TRAIN_DATA" --set data.max_prompt_tokens=2048)
+DATA_ARGS=(--train-data "$TRAIN_DATA" --set data.max_prompt_tokens=2048 --set data.enable_thinking=true)  # Qwen3 thinking mode
 EVAL_ARGS=(--set "evaluation.benchmarks=aime24=$EVAL_DIR/aime-2024.parquet,aime25=$EVAL_DIR/aime25.parquet,amc23=$EVAL_DIR/amc-23.parquet"
-  --set evaluation.interval=50 --set evaluation.k=32)
+  --set evaluation.interval=10 --set evaluation.at_start=true --set evaluation.k=32)  # authors: before training, every 10
 CHECKPOINT_ARGS=(--out-dir "$OUT_DIR" --set checkpoint.interval=25 --set checkpoint.keep_last=2)
 
 source "$SDPG_ROOT/examples/slurm/sdpg_job.sh"

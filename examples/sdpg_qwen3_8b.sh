@@ -63,13 +63,14 @@ PARALLEL_ARGS=(--tp "$TP" --pp "$PP")
 ALGO_ARGS=(--preset sdpg-urkl)                                # METHOD.md: α = β_base = 1e-3, warm-up 50, decay 350
 SCHEDULE_ARGS=(--steps 400 --seed 0
   --set schedule.prompts_per_step=128 --set algorithm.group_size=8
-  --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=2)
+  --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=2
+  --set schedule.dynamic_sampling=true --set schedule.max_generation_batches=10)  # DAPO group filter
 ROLLOUT_ARGS=(--set rollout.num_engines=8 --set rollout.engine_tensor_parallel=1 --set rollout.gpus_per_engine=1
   --set rollout.dtype=bfloat16 --set rollout.kv_cache_bytes=none --set rollout.gpu_memory_utilization=0.85
   --set rollout.max_response_tokens=4096 --set reward.overlong_buffer=512 --set reward.num_workers=16)
-DATA_ARGS=(--train-data "$TRAIN_DATA" --set data.max_prompt_tokens=2048)
+DATA_ARGS=(--train-data "$TRAIN_DATA" --set data.max_prompt_tokens=2048 --set data.enable_thinking=true)  # Qwen3 thinking mode
 EVAL_ARGS=(--set "evaluation.benchmarks=aime24=$EVAL_DIR/aime-2024.parquet,aime25=$EVAL_DIR/aime25.parquet,amc23=$EVAL_DIR/amc-23.parquet"
-  --set evaluation.interval=50 --set evaluation.k=32)
+  --set evaluation.interval=10 --set evaluation.at_start=true --set evaluation.k=32)  # authors: before training, every 10
 CHECKPOINT_ARGS=(--out-dir "$OUT_DIR" --set checkpoint.interval=25 --set checkpoint.keep_last=2)
 
 source "$SDPG_ROOT/examples/slurm/sdpg_job.sh"

@@ -15,7 +15,12 @@ AnchorKind = Literal["none", "urkl", "ufkl", "fkl", "rkl"]
 GateKind = Literal["none", "positive_advantage"]
 TeacherScope = Literal["needed", "all"]
 BetaSchedule = Literal["warmup_decay", "constant"]
-AdvantageReweighting = Literal["none", "rlsd"]
+AdvantageReweighting = Literal["none", "rlsd", "opsd"]
+OldLogprobs = Literal["recompute", "engine"]  # where log π_old of the PPO ratio comes from
+TeacherWeights = Literal["policy", "reference"]  # whose weights read the privileged view
+LossTokens = Literal["all", "gated"]  # the token-mean's denominator
+RewardScheme = Literal["binary", "signed"]  # correct/wrong as 1/0 or +1/-1
+LrWarmupUnit = Literal["rollout_step", "optimizer_step"]
 WeightTransport = Literal["gloo", "nccl"]  # trainer → engine wire of a weight push
 Recompute = Literal["none", "selective", "full"]  # activation recomputation of the training pass
 
@@ -34,12 +39,30 @@ class AlgorithmConfig:
     clip_high: float = 0.28
     dual_clip: float | None = 10.0  # None disables the dual clip for A < 0
     log_ratio_clamp: float = 20.0
+    # log π_old of the ratio: "recompute" = the trainer's forward over the step's samples
+    # before its first update (the authors'); "engine" = the engine's sampling log-probs
+    # (saves that forward; right only when engine and trainer agree, see docs/method.md).
+    old_logprobs: OldLogprobs = "recompute"
+    # Truncated importance sampling: each token's outcome term × min(π_old/π_engine, C)
+    # (needs old_logprobs="recompute"); None: off (the authors').
+    tis_cap: float | None = None
+    # Entropy bonus: − entropy_coef · H(p) per token (the authors' OPSD script: 0.01).
+    entropy_coef: float = 0.0
     # On-policy distillation (exact full-vocabulary reverse KL to the detached teacher).
     beta_base: float = 1e-3
     beta_schedule: BetaSchedule = "warmup_decay"
     beta_warmup_steps: int = 50
     beta_decay_steps: int = 350
     gate: GateKind = "positive_advantage"
+    # The authors' code clamps each token's OPD KL at this many nats (no gradient above);
+    # None: unclamped. The paper presets use 20.
+    opd_kl_clamp: float | None = None
+    # Whose weights read the privileged view: the current policy (SDPG, RLSD, OPCD) or the
+    # frozen reference π_ref (the authors' OPSD script).
+    teacher_weights: TeacherWeights = "policy"
+    # Denominator of the token-mean: every response token (METHOD.md), or only the tokens
+    # of gated samples (A > 0; the authors' OPSD loss).
+    loss_tokens: LossTokens = "all"
     # Which samples the teacher pass runs on: "needed" only those the loss uses it for
     # (A > 0 under the gate, none while β(k) = 0; every sample for RLSD), "all" every
     # sample, so that opd_kl is also reported over the gated-off tokens.
@@ -49,7 +72,8 @@ class AlgorithmConfig:
     alpha: float = 1e-3
     # k1 KL penalty folded into the reward (GRPO baseline); 0 disables it.
     kl_in_reward_coef: float = 0.0
-    # RLSD per-token advantage reweighting by the teacher/old-policy ratio.
+    # Per-token advantage from the teacher: "rlsd" reweights A by the teacher/old-policy
+    # ratio; "opsd" replaces it by clamp(log q(y_t) − log π_old(y_t), 0, 20) on A > 0.
     advantage_reweighting: AdvantageReweighting = "none"
     rlsd_lambda_base: float = 0.5
     rlsd_lambda_steps: int = 50
@@ -58,12 +82,13 @@ class AlgorithmConfig:
     @property
     def uses_teacher(self) -> bool:
         """Whether a teacher forward (privileged context) is needed at all."""
-        return self.beta_base > 0 or self.advantage_reweighting == "rlsd"
+        return self.beta_base > 0 or self.advantage_reweighting != "none"
 
     @property
     def uses_reference(self) -> bool:
         """Whether the frozen reference policy is needed at all."""
-        return (self.anchor != "none" and self.alpha > 0) or self.kl_in_reward_coef > 0
+        return ((self.anchor != "none" and self.alpha > 0) or self.kl_in_reward_coef > 0
+                or (self.uses_teacher and self.teacher_weights == "reference"))
 
 
 @dataclass(kw_only=True)
@@ -75,6 +100,12 @@ class ScheduleConfig:
     minibatches_per_step: int = 8  # PPO updates per rollout step (128 / 16 prompts)
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     seed: int = 0
+    # DAPO dynamic sampling: drop groups whose answers are all right or all wrong and
+    # generate more prompts (up to max_generation_batches batches of prompts_per_step)
+    # until prompts_per_step informative groups fill the step; short of that, train on
+    # whole PPO mini-batches of what there is.
+    dynamic_sampling: bool = False
+    max_generation_batches: int = 10
 
 
 @dataclass(kw_only=True)
@@ -88,6 +119,10 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     lr_warmup_steps: int = 10
+    # What the warm-up counts: "rollout_step" = every PPO update of step k runs at
+    # lr · min(1, (k − 1) / lr_warmup_steps) (the authors' scheduler, stepped once per
+    # rollout step); "optimizer_step" = update j runs at lr · min(1, j / lr_warmup_steps).
+    lr_warmup_unit: LrWarmupUnit = "rollout_step"
     use_distributed_optimizer: bool = True
 
 
@@ -139,6 +174,9 @@ class DataConfig:
     train_files: tuple[str, ...] = ()  # DAPO-Math-17k-schema parquet files
     max_prompt_tokens: int = 2048
     privileged: Literal["answer", "answer+solution"] = "answer"  # the teacher's context
+    # Qwen3's chat template with enable_thinking=True (the authors'): responses think first,
+    # the answer follows "</think>". A template without the switch ignores it.
+    enable_thinking: bool = True
 
 
 @dataclass(kw_only=True)
@@ -171,6 +209,11 @@ class RewardConfig:
     num_workers: int = 4
     timeout_s: float = 5.0  # hard wall-clock limit per math-verify call
     overlong_buffer: int | None = 512  # None disables the overlong penalty
+    # "signed": +1 right, −1 wrong (the authors'); "binary": 1 / 0. Both add the penalty.
+    scheme: RewardScheme = "signed"
+    # The answer is the last \boxed{} within this many characters at the end of the response
+    # (after "</think>" in thinking mode); the authors read the last 500.
+    answer_tail_chars: int = 500
 
 
 @dataclass(kw_only=True)
@@ -179,6 +222,7 @@ class EvaluationConfig:
 
     benchmarks: tuple[str, ...] = ()  # "name=path.parquet", e.g. "aime24=data/eval/aime-2024.parquet"
     interval: int = 0  # steps between evaluations (and after the last step); 0 disables
+    at_start: bool = True  # also before the first step (step 0), when interval > 0
     k: int = 32
     max_response_tokens: int | None = None  # None: rollout.max_response_tokens
 
@@ -286,13 +330,14 @@ def _parse_value(section, section_name: str, key: str, text: str):
 
 
 def sdpg_urkl() -> AlgorithmConfig:
-    """SDPG with the URKL anchor f_K = ½(log w)² — the method."""
-    return AlgorithmConfig(name="sdpg-urkl", anchor="urkl")
+    """SDPG with the URKL anchor f_K = ½(log w)² — the method (paper §4.1; the per-token KL
+    clamp at 20 nats is the authors' code)."""
+    return AlgorithmConfig(name="sdpg-urkl", anchor="urkl", opd_kl_clamp=20.0)
 
 
 def sdpg_ufkl() -> AlgorithmConfig:
     """SDPG with the UFKL anchor f_K = 1/w + log w."""
-    return AlgorithmConfig(name="sdpg-ufkl", anchor="ufkl")
+    return AlgorithmConfig(name="sdpg-ufkl", anchor="ufkl", opd_kl_clamp=20.0)
 
 
 def grpo() -> AlgorithmConfig:
@@ -304,10 +349,25 @@ def grpo() -> AlgorithmConfig:
 
 
 def rlsd() -> AlgorithmConfig:
-    """RLSD: outcome term with teacher-reweighted per-token advantages, dual clip c = 3."""
+    """RLSD as the authors ran it: outcome term with teacher-reweighted per-token
+    advantages, clip (0.2, 0.2), dual clip c = 3 (the run preset also turns the overlong
+    penalty off: `PRESET_RUN_SETTINGS`)."""
     return AlgorithmConfig(
-        name="rlsd", dual_clip=3.0, beta_base=0.0, gate="none", anchor="none", alpha=0.0,
+        name="rlsd", clip_high=0.2, dual_clip=3.0, beta_base=0.0, gate="none", anchor="none", alpha=0.0,
         advantage_reweighting="rlsd",
+    )
+
+
+def opsd() -> AlgorithmConfig:
+    """The authors' only pure-distillation script (Qwen3-1.7B OPSD), not the paper's OPCD:
+    the frozen π_ref reads the privileged view; each token of a sample with A > 0 gets the
+    advantage clamp(log q_ref(y_t) − log π_old(y_t), 0, 20) in PPO-clipped form (0.2, 0.2),
+    averaged over those tokens; entropy bonus 0.01 (lr 5e-6 and no overlong penalty come
+    with the run preset: `PRESET_RUN_SETTINGS`)."""
+    return AlgorithmConfig(
+        name="opsd", clip_high=0.2, dual_clip=None, beta_base=0.0, gate="positive_advantage", anchor="none",
+        alpha=0.0, advantage_reweighting="opsd", teacher_weights="reference", loss_tokens="gated",
+        entropy_coef=0.01,
     )
 
 
@@ -330,7 +390,7 @@ def ablation_beta0() -> AlgorithmConfig:
 
 def ablation_alpha0() -> AlgorithmConfig:
     """SDPG without the reference anchor."""
-    return AlgorithmConfig(name="ablation-alpha0", anchor="none", alpha=0.0)
+    return AlgorithmConfig(name="ablation-alpha0", anchor="none", alpha=0.0, opd_kl_clamp=20.0)
 
 
 ALGORITHM_PRESETS: dict[str, Callable[[], AlgorithmConfig]] = {
@@ -339,9 +399,23 @@ ALGORITHM_PRESETS: dict[str, Callable[[], AlgorithmConfig]] = {
     "grpo": grpo,
     "rlsd": rlsd,
     "opcd": opcd,
+    "opsd": opsd,
     "ablation-beta0": ablation_beta0,
     "ablation-alpha0": ablation_alpha0,
 }
+
+# What a preset changes outside the algorithm section, as the authors' script for it does
+# (applied by `apply_preset` before the command line's own --set overrides).
+PRESET_RUN_SETTINGS: dict[str, tuple[str, ...]] = {
+    "rlsd": ("reward.overlong_buffer=none",),  # run_qwen3_4b_rlsd_boxed.sh
+    "opsd": ("reward.overlong_buffer=none", "optimizer.lr=5e-6"),  # run_qwen3_1.7b_opsd.sh
+}
+
+
+def apply_preset(config: Config, name: str) -> Config:
+    """Set `config.algorithm` to the preset `name` and apply its run settings."""
+    config.algorithm = algorithm_preset(name)
+    return apply_overrides(config, list(PRESET_RUN_SETTINGS.get(config.algorithm.name, ())))
 
 
 def algorithm_preset(name: str) -> AlgorithmConfig:
@@ -408,9 +482,27 @@ def _validate_algorithm(c: AlgorithmConfig) -> None:
     _require(c.alpha >= 0, p + "alpha", f"must be >= 0, got {c.alpha}")
     _require(c.kl_in_reward_coef >= 0, p + "kl_in_reward_coef", "must be >= 0")
     _require(
-        c.advantage_reweighting in ("none", "rlsd"), p + "advantage_reweighting",
-        f"must be 'none' or 'rlsd', got {c.advantage_reweighting!r}",
+        c.advantage_reweighting in get_args(AdvantageReweighting), p + "advantage_reweighting",
+        f"must be one of {get_args(AdvantageReweighting)}, got {c.advantage_reweighting!r}",
     )
+    _require(c.old_logprobs in get_args(OldLogprobs), p + "old_logprobs",
+             f"must be 'recompute' or 'engine', got {c.old_logprobs!r}")
+    _require(c.tis_cap is None or c.tis_cap > 0, p + "tis_cap", f"must be > 0 or None (off), got {c.tis_cap}")
+    _require(c.tis_cap is None or c.old_logprobs == "recompute", p + "tis_cap",
+             "corrects the engine's samples towards the trainer's recomputed π_old: with "
+             "old_logprobs='engine' the ratio is already taken against the engine, so a weight would count it "
+             "twice; set algorithm.old_logprobs=recompute or tis_cap=none")
+    _require(c.entropy_coef >= 0, p + "entropy_coef", f"must be >= 0, got {c.entropy_coef}")
+    _require(c.opd_kl_clamp is None or c.opd_kl_clamp > 0, p + "opd_kl_clamp", "must be > 0 or None (unclamped)")
+    _require(c.teacher_weights in get_args(TeacherWeights), p + "teacher_weights",
+             f"must be 'policy' or 'reference', got {c.teacher_weights!r}")
+    _require(c.teacher_weights == "policy" or c.beta_base == 0, p + "teacher_weights",
+             "the OPD term distils from the current policy (β_base > 0 needs teacher_weights='policy')")
+    _require(c.loss_tokens in get_args(LossTokens), p + "loss_tokens", f"must be 'all' or 'gated', got {c.loss_tokens!r}")
+    _require(c.loss_tokens == "all" or c.gate == "positive_advantage", p + "loss_tokens",
+             "'gated' averages over the tokens of samples with A > 0: set algorithm.gate=positive_advantage")
+    _require(c.advantage_reweighting != "opsd" or c.use_outcome, p + "advantage_reweighting",
+             "'opsd' weights the outcome term: set algorithm.use_outcome=true")
     _require(0 <= c.rlsd_lambda_base <= 1, p + "rlsd_lambda_base", "must be in [0, 1]")
     _require(c.rlsd_lambda_steps >= 1, p + "rlsd_lambda_steps", "must be >= 1")
     _require(0 <= c.rlsd_clip < 1, p + "rlsd_clip", "must be in [0, 1)")
@@ -432,6 +524,7 @@ def _validate_schedule(c: ScheduleConfig) -> None:
         f"must divide prompts_per_step={c.prompts_per_step}, got {c.minibatches_per_step}",
     )
     _require(c.micro_batch_size >= 1, p + "micro_batch_size", "must be >= 1")
+    _require(c.max_generation_batches >= 1, p + "max_generation_batches", f"must be >= 1, got {c.max_generation_batches}")
 
 
 def _validate_optimizer(c: OptimizerConfig) -> None:
@@ -441,6 +534,8 @@ def _validate_optimizer(c: OptimizerConfig) -> None:
     _require(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, p + "adam_beta1/adam_beta2", "must be in [0, 1)")
     _require(c.clip_grad >= 0, p + "clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.lr_warmup_steps >= 0, p + "lr_warmup_steps", "must be >= 0")
+    _require(c.lr_warmup_unit in get_args(LrWarmupUnit), p + "lr_warmup_unit",
+             f"must be 'rollout_step' or 'optimizer_step', got {c.lr_warmup_unit!r}")
 
 
 def _validate_model(c: ModelConfig) -> None:
@@ -493,6 +588,8 @@ def _validate_reward(c: RewardConfig) -> None:
     _require(c.num_workers >= 1, "reward.num_workers", "must be >= 1")
     _require(c.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _require(c.overlong_buffer is None or c.overlong_buffer >= 1, "reward.overlong_buffer", "must be >= 1 or None")
+    _require(c.scheme in get_args(RewardScheme), "reward.scheme", f"must be 'signed' or 'binary', got {c.scheme!r}")
+    _require(c.answer_tail_chars >= 1, "reward.answer_tail_chars", f"must be >= 1, got {c.answer_tail_chars}")
 
 
 def _validate_evaluation(c: EvaluationConfig) -> None:

@@ -51,16 +51,19 @@ def parse_benchmark_specs(specs: list[str] | tuple[str, ...]) -> dict[str, Path]
     return result
 
 
-def load_benchmarks(specs: dict[str, Path], tokenizer, *, max_prompt_tokens: int) -> list[Benchmark]:
+def load_benchmarks(specs: dict[str, Path], tokenizer, *, max_prompt_tokens: int,
+                    enable_thinking: bool) -> list[Benchmark]:
     """Problems whose boxed student prompt exceeds `max_prompt_tokens` are dropped with a
-    warning (the benchmark's score is then over the remaining problems, and says so)."""
+    warning (the benchmark's score is then over the remaining problems, and says so).
+    `enable_thinking` must match training's (data.enable_thinking): see render_prompt."""
     benchmarks = []
     for name, path in specs.items():
         report = load_dapo_parquet(path)
         problems, prompts = [], []
         for problem in report.problems:
             try:
-                prompts.append(encode_problem(tokenizer, problem, max_prompt_tokens=max_prompt_tokens).student_ids)
+                prompts.append(encode_problem(tokenizer, problem, max_prompt_tokens=max_prompt_tokens,
+                                              enable_thinking=enable_thinking).student_ids)
                 problems.append(problem)
             except ValueError as error:
                 logger.warning("benchmark %s: skipped %s", name, error)

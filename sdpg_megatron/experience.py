@@ -30,7 +30,7 @@ class Sample:
     student_prompt: list[int]
     teacher_prompt: list[int]
     response: list[int]
-    old_logprobs: list[float]  # log π_old(y_t) as sampled (one per response token)
+    rollout_logprobs: list[float]  # the engine's log π(y_t) as sampled (one per response token)
     reward: float
     correct: bool
 
@@ -60,7 +60,7 @@ class MicroBatch:
     teacher_response_mask: torch.Tensor  # [b, T] bool
     # Flat [N] over the response tokens of the micro-batch, in (row, position) order.
     targets: torch.Tensor
-    old_logprobs: torch.Tensor
+    rollout_logprobs: torch.Tensor  # the engine's sampling log-probs
     advantages: torch.Tensor
     sample_ids: torch.Tensor  # [N] index of each token's sample within the StepBatch
 
@@ -131,13 +131,13 @@ def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: in
     teacher_tokens = torch.full((rows, T), pad_id, dtype=torch.long)
     mask = torch.zeros(rows, S, dtype=torch.bool)
     teacher_mask = torch.zeros(rows, T, dtype=torch.bool)
-    targets, old_logprobs, token_advantages, sample_ids = [], [], [], []
+    targets, rollout_logprobs, token_advantages, sample_ids = [], [], [], []
     for row, index in enumerate(ids):
         sample = batch.samples[index]
         response = sample.response
-        if len(sample.old_logprobs) != len(response):
+        if len(sample.rollout_logprobs) != len(response):
             raise ValueError(
-                f"sample {index}: {len(response)} response tokens but {len(sample.old_logprobs)} rollout log-probs"
+                f"sample {index}: {len(response)} response tokens but {len(sample.rollout_logprobs)} rollout log-probs"
             )
         for view, mask_view, prompt in ((tokens, mask, sample.student_prompt), (teacher_tokens, teacher_mask, sample.teacher_prompt)):
             sequence = prompt + response
@@ -145,7 +145,7 @@ def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: in
             # position p predicts token p + 1: the response starts at len(prompt)
             mask_view[row, len(prompt) - 1 : len(prompt) - 1 + len(response)] = True
         targets.extend(response)
-        old_logprobs.extend(sample.old_logprobs)
+        rollout_logprobs.extend(sample.rollout_logprobs)
         token_advantages.extend([float(advantages[index])] * len(response))
         sample_ids.extend([index] * len(response))
     positions = torch.arange(S).expand(rows, S)
@@ -154,7 +154,7 @@ def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: in
         tokens=tokens, positions=positions, response_mask=mask,
         teacher_tokens=teacher_tokens, teacher_positions=teacher_positions, teacher_response_mask=teacher_mask,
         targets=torch.tensor(targets, dtype=torch.long),
-        old_logprobs=torch.tensor(old_logprobs, dtype=torch.float32),
+        rollout_logprobs=torch.tensor(rollout_logprobs, dtype=torch.float32),
         advantages=torch.tensor(token_advantages, dtype=torch.float32),
         sample_ids=torch.tensor(sample_ids, dtype=torch.long),
     )

@@ -1,8 +1,11 @@
 """The model passes of a step, through Megatron's pipeline schedule on every rank.
 
+- π_old: the policy before the step's updates, log-probs of the sampled tokens (forward
+  only; the PPO ratio's denominator, algorithm.old_logprobs="recompute");
 - reference: frozen π_ref, log-probs of the sampled tokens (forward only);
-- teacher: the current policy on the privileged-context view, final hidden states at the
-  response positions (forward only, detached — METHOD.md: no gradient through q at all);
+- teacher: the current policy (or π_ref, algorithm.teacher_weights) on the
+  privileged-context view, final hidden states at the response positions (forward only,
+  detached — docs/method.md: no gradient through q at all);
 - student: the policy with gradients; the fused vocab-parallel kernel turns its hidden
   states, the teacher's and the output-weight shard into per-token log-prob, entropy and
   exact full-vocabulary KL, and `sdpg_loss` combines them.
@@ -34,7 +37,7 @@ from sdpg_megatron.parallel.groups import ParallelGroups
 # Loss metrics reduced over micro-batches and data-parallel ranks (token-weighted means).
 LOSS_METRICS = (
     "loss", "outcome_loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
-    "opd_kl", "gate_frac", "anchor", "ref_kl_k3", "entropy", "rollout_logprob_abs_diff",
+    "opd_kl", "gate_frac", "anchor", "ref_kl_k3", "entropy", "tis_weight", "rollout_logprob_abs_diff",
 )
 
 
@@ -119,6 +122,27 @@ class ModelPasses:
         return self._forward_only(self.reference, batch, mbs, "student",
                                   lambda states, weight, mb: self._stats(states, weight, mb.targets).logprobs)
 
+    def old_logprobs(self, batch: StepBatch, mbs: list[MicroBatch]) -> list[torch.Tensor]:
+        """[N] log π_old(y_t) per micro-batch: the policy's own forward before the step's
+        first update (last stage; empty list elsewhere)."""
+        return self._forward_only(self.policy.model, batch, mbs, "student",
+                                  lambda states, weight, mb: self._stats(states, weight.detach(), mb.targets).logprobs)
+
+    def mismatch_metrics(self, shapes: list[list[MicroBatch]], old: list[list[torch.Tensor]]) -> dict[str, float]:
+        """Engine vs trainer on the sampled tokens, over the whole step (every rank gets it):
+        mean |log π_old − log π_engine| and the k3 estimate of KL(π_engine ‖ π_old)
+        (E[r − 1 − log r], r = π_old / π_engine, which is ≥ 0 per token)."""
+        sums = torch.zeros(3, dtype=torch.float64)
+        if self._contributes():
+            for mbs, values in zip(shapes, old):
+                for mb, trainer in zip(mbs, values):
+                    log_ratio = (trainer.detach() - mb.rollout_logprobs).double().cpu()
+                    sums += torch.stack([log_ratio.abs().sum(), (log_ratio.exp() - 1 - log_ratio).sum(),
+                                         torch.tensor(float(log_ratio.numel()), dtype=torch.float64)])
+        dist.all_reduce(sums)
+        tokens = sums[2].clamp_min(1.0)
+        return {"mismatch/logprob_abs_diff": (sums[0] / tokens).item(), "mismatch/kl_k3": (sums[1] / tokens).item()}
+
     def teacher_states(self, batch: StepBatch, mbs: list[MicroBatch],
                        needed: torch.Tensor | None = None) -> list[TeacherStates | None]:
         """The teacher pass over `mbs`: per micro-batch (last stage; an empty list elsewhere)
@@ -128,7 +152,8 @@ class ModelPasses:
         teacher for. Only those run, packed into as few micro-batches as they fill; each
         student micro-batch then gets its needed tokens' rows, or None when it has none.
         None: every sample, in the student's own micro-batches."""
-        need_logprobs = self.config.algorithm.advantage_reweighting == "rlsd"
+        need_logprobs = self.config.algorithm.advantage_reweighting != "none"
+        model = self.reference if self.config.algorithm.teacher_weights == "reference" else self.policy.model
 
         def collect(states, weight, mb):
             logprobs = self._stats(states, weight.detach(), mb.targets).logprobs if need_logprobs else None
@@ -136,10 +161,10 @@ class ModelPasses:
 
         order = [int(i) for mb in mbs for i in mb.sample_ids.cpu().unique_consecutive()]  # samples with tokens
         if needed is None or all(needed[i] for i in order):
-            outputs = self._forward_only(self.policy.model, batch, mbs, "teacher", collect)
+            outputs = self._forward_only(model, batch, mbs, "teacher", collect)
             return [TeacherStates(states, logprobs) for states, logprobs in outputs]
         if need_logprobs:
-            raise ValueError("RLSD reweights every token by log q(y_t): the teacher must run on every sample")
+            raise ValueError("RLSD and OPSD weight every token by log q(y_t): the teacher must run on every sample")
         ids = [i for i in order if needed[i]]
         rows_per_mb = mbs[0].tokens.shape[0]
         outputs = []
@@ -149,7 +174,7 @@ class ModelPasses:
             filler = -len(ids) % rows_per_mb if self.groups.pp_size > 1 else 0
             teacher_mbs = micro_batches(batch, ids + ids[-1:] * filler, rows_per_mb, torch.zeros(len(batch.samples)),
                                         0, device=mbs[0].tokens.device)
-            outputs = self._forward_only(self.policy.model, batch, teacher_mbs, "teacher", collect)
+            outputs = self._forward_only(model, batch, teacher_mbs, "teacher", collect)
         if not self.groups.is_last_stage:
             return []
         start, offset = {}, 0  # each needed sample's first row in `states`
@@ -226,11 +251,15 @@ class ModelPasses:
         return stats, ran, None if token_loss is None else loss_with + loss_without
 
     def train(self, batch: StepBatch, mbs: list[MicroBatch], step: int, teacher, reference, *,
-              first_minibatch: bool) -> StepResult:
+              first_minibatch: bool, old=None, gated_token_scale: float = 1.0) -> StepResult:
         """Student forward/backward over one PPO mini-batch and one optimizer step.
 
+        old: per micro-batch [N] log π_old (`old_logprobs`); None takes the engine's
+        sampling log-probs as π_old. gated_token_scale: for algorithm.loss_tokens="gated",
+        the mini-batch's (all tokens) / (tokens of samples with A > 0).
+
         On the first mini-batch the policy still holds the weights the engines sampled
-        with, so |log π_θ − log π_old| there measures trainer/engine agreement
+        with, so |log π_θ − log π_engine| there measures trainer/engine agreement
         ("rollout_logprob_abs_diff": numerics only, unless a weight push went wrong)."""
         cfg = self.config
         module = self.policy.module
@@ -248,6 +277,7 @@ class ModelPasses:
                 states = response_states(hidden_states, mb.response_mask)
                 teacher_j = teacher[j] if teacher is not None else None
                 reference_j = None if reference is None else reference[j]
+                old_j = mb.rollout_logprobs if old is None else old[j]
                 teacher_logprobs = None if teacher_j is None else teacher_j.logprobs
                 with_kl = use_kl and teacher is not None
 
@@ -262,10 +292,11 @@ class ModelPasses:
                         reverse_kl = stats.reverse_kl if with_teacher else \
                             (torch.zeros_like(stats.logprobs) if with_kl else None)
                         return token_terms(
-                            logprobs=stats.logprobs, old_logprobs=pick(mb.old_logprobs),
+                            logprobs=stats.logprobs, old_logprobs=pick(old_j),
                             advantages=pick(mb.advantages), step=step, total_steps=cfg.schedule.total_steps,
                             config=cfg.algorithm, reverse_kl=reverse_kl, ref_logprobs=pick(reference_j),
-                            teacher_logprobs=pick(teacher_logprobs),
+                            teacher_logprobs=pick(teacher_logprobs), entropy=stats.entropy,
+                            rollout_logprobs=pick(mb.rollout_logprobs), gated_token_scale=gated_token_scale,
                         ).per_token.sum()
                     return chunk_loss
 
@@ -273,10 +304,11 @@ class ModelPasses:
                     states, module.output_weight(), mb, teacher_j, with_kl,
                     token_loss=token_loss if self._single_pass() else None)
                 loss, metrics = sdpg_loss(
-                    logprobs=stats.logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages,
+                    logprobs=stats.logprobs, old_logprobs=old_j, advantages=mb.advantages,
                     mask=torch.ones_like(stats.logprobs), step=step, total_steps=cfg.schedule.total_steps,
                     config=cfg.algorithm, reverse_kl=stats.reverse_kl, ref_logprobs=reference_j,
                     teacher_logprobs=teacher_logprobs, entropy=stats.entropy, num_tokens=1.0, reverse_kl_mask=kl_ran,
+                    rollout_logprobs=mb.rollout_logprobs, gated_token_scale=gated_token_scale,
                 )
                 if fused_loss is not None:  # the gradient is in it; sdpg_loss gave the metrics
                     loss = fused_loss
@@ -288,7 +320,7 @@ class ModelPasses:
                     sums["opd_kl/tokens"] = kl_ran.sum().to(torch.float64)
                     sums["opd_kl"] = metrics["opd_kl"] * sums["opd_kl/tokens"]
                 if first_minibatch:
-                    sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - mb.old_logprobs).abs().sum()
+                    sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - mb.rollout_logprobs).abs().sum()
                 sums["tokens"] = torch.tensor(float(mb.num_tokens))
                 return loss, num_tokens, sums
 

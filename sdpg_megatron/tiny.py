@@ -124,7 +124,7 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
 
 
 def _encode(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
-    prompt_ids = render_prompt(tokenizer, prompt)
+    prompt_ids = render_prompt(tokenizer, prompt, enable_thinking=False)  # its template has no thinking
     target_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt_ids + target_ids, len(prompt_ids)
 
@@ -149,7 +149,8 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool,
     correct = 0
     for start in range(0, len(problems), 50):
         chunk = problems[start : start + 50]
-        prompts = [render_prompt(tokenizer, teacher_content(p.question, p.answer) if teacher else student_content(p.question))
+        prompts = [render_prompt(tokenizer, teacher_content(p.question, p.answer) if teacher else student_content(p.question),
+                                 enable_thinking=False)
                    for p in chunk]
         width = max(map(len, prompts))  # left-pad for generation
         tokens = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])

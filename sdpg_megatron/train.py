@@ -1,16 +1,19 @@
-"""The SDPG driver loop (DESIGN.md, "One training step"), for every METHOD.md preset.
+"""The SDPG training loop (docs/design.md, "One training step"), for every preset of
+docs/method.md.
 
-Launch with torchrun (srun + torchrun on Slurm); global rank 0 is the driver: it owns the
-data, the verifier pool and the rollout fleet, and broadcasts each step's experience.
+Launch with torchrun (srun + torchrun on Slurm); global rank 0 is the driver (`driver.py`):
+it owns the data, the verifier pool and the rollout fleet, and broadcasts each step's
+experience.
 
     torchrun --nproc-per-node 2 -m sdpg_megatron.train --preset sdpg-urkl \\
         --hf-dir ckpt/qwen3-4b --train-data dapo.parquet --out-dir runs/sdpg --tp 2 \\
         --set schedule.total_steps=400
 
-Each step: sample prompts (deterministic in (seed, step)) → fleet generates G responses →
-verifier rewards → [reference forward] → advantages → per PPO mini-batch: [teacher forward]
-then student forward/backward with the fused vocab-parallel loss and an optimizer step →
-weight push → metrics, checkpoint.
+Each step: prompts from a seeded stream → fleet generates G responses → verifier rewards
+[→ more prompts while dynamic sampling drops uninformative groups] → [π_old forward]
+[→ reference forward] → advantages → per PPO mini-batch: [teacher forward] then student
+forward/backward with the fused vocab-parallel loss and an optimizer step → weight push →
+metrics, evaluation, checkpoint.
 """
 
 from __future__ import annotations
@@ -19,40 +22,23 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from sdpg_megatron.algo import current_beta, group_relative_advantages, teacher_sample_mask
-from sdpg_megatron.config import (
-    Config, algorithm_preset, apply_overrides, config_from_dict, config_to_dict, validate,
-)
-from sdpg_megatron.experience import Sample, StepBatch, make_step_batch, micro_batches, minibatch_sample_ids
+from sdpg_megatron.config import ALGORITHM_PRESETS, Config, apply_overrides, apply_preset, config_from_dict, config_to_dict, validate
+from sdpg_megatron.driver import Driver, PhaseTimer
+from sdpg_megatron.experience import StepBatch, micro_batches, minibatch_sample_ids
+from sdpg_megatron.model.training import set_rollout_step
 from sdpg_megatron.parallel.groups import ParallelGroups, destroy_parallel, initialize_parallel
 from sdpg_megatron.passes import ModelPasses
 
 logger = logging.getLogger("sdpg_megatron.train")
-TIMED_PHASES = ("rollout", "reward", "reference", "teacher", "train", "sync")
-
-
-class PhaseTimer:
-    def __init__(self):
-        self.seconds = {phase: 0.0 for phase in TIMED_PHASES}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - started
 
 
 class Trainer:
@@ -85,7 +71,7 @@ class Trainer:
         self.driver = None
 
         def start_driver():
-            self.driver = _Driver(config, fleet, self.start_step)
+            self.driver = Driver(config, fleet, self.start_step, prompt_position=(state or {}).get("prompt_position"))
 
         self._from_driver(start_driver)
         self._push_weights()  # the engines serve exactly the trainer's weights from the first step
@@ -98,6 +84,8 @@ class Trainer:
         total = self.config.schedule.total_steps
         last = total if stop_after is None else min(total, stop_after)
         try:
+            if self.is_driver and self.start_step == 0 and self.driver.evaluation_due(0):
+                self.driver.metrics.log(0, self.driver.maybe_evaluate(0))  # the starting point of Last/Best
             for step in range(self.start_step + 1, last + 1):
                 metrics = self.step(step)
                 if self.is_driver:
@@ -122,19 +110,24 @@ class Trainer:
             return batch
 
         batch = self._from_driver(rollout)
+        set_rollout_step(self.passes.policy, step)
 
-        plan = minibatch_sample_ids(batch, cfg.schedule.minibatches_per_step, self.groups.dp_size, self.groups.dp_rank)
+        num_minibatches = batch.num_groups * cfg.schedule.minibatches_per_step // cfg.schedule.prompts_per_step
+        plan = minibatch_sample_ids(batch, num_minibatches, self.groups.dp_size, self.groups.dp_rank)
         rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float64)
         zero_advantages = torch.zeros(len(batch.samples))
+        shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, zero_advantages, 0, device) for ids in plan]
+        old, mismatch = None, {}
+        if cfg.algorithm.old_logprobs == "recompute":  # before any update of this step
+            with timer("old_logprobs"):
+                old = [self.passes.old_logprobs(batch, mbs) for mbs in shapes]
+            mismatch = self.passes.mismatch_metrics(shapes, old)
         reference = None
         if self.passes.reference is not None:
             with timer("reference"):
-                shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, zero_advantages, 0, device)
-                          for ids in plan]
                 reference = [self.passes.reference_logprobs(batch, mbs) for mbs in shapes]
             if cfg.algorithm.kl_in_reward_coef > 0:
-                k1 = self.passes.sum_per_sample(batch, shapes, reference, lambda mb, ref: mb.old_logprobs - ref)
-                rewards = rewards - cfg.algorithm.kl_in_reward_coef * k1
+                rewards = rewards - cfg.algorithm.kl_in_reward_coef * self._k1_per_sample(batch, shapes, old, reference)
         advantages = group_relative_advantages(rewards, batch.group_size, cfg.algorithm.advantage_eps).float()
         # the samples the loss uses the teacher for (A > 0 under the gate): the teacher pass skips the rest
         needed = teacher_sample_mask(cfg.algorithm, advantages, step, cfg.schedule.total_steps)
@@ -147,8 +140,10 @@ class Trainer:
                 with timer("teacher"):
                     teacher = self.passes.teacher_states(batch, mbs, needed)
             with timer("train"):
-                results.append(self.passes.train(batch, mbs, step, teacher, None if reference is None else reference[m],
-                                                 first_minibatch=m == 0))
+                results.append(self.passes.train(
+                    batch, mbs, step, teacher, None if reference is None else reference[m], first_minibatch=m == 0,
+                    old=None if old is None else old[m],
+                    gated_token_scale=_gated_token_scale(batch, advantages, m, num_minibatches)))
         with timer("sync"):
             push = self._push_weights()
 
@@ -157,9 +152,11 @@ class Trainer:
             return {}
         grad_norms = [r.grad_norm for r in results if r.update_successful]
         metrics.update(driver_metrics)
+        metrics.update(mismatch)
         metrics.update({
             "beta": current_beta(cfg.algorithm, step, cfg.schedule.total_steps),
-            "lr": self.passes.policy.optimizer.param_groups[0]["lr"],  # the last update's
+            "lr": results[-1].lr,  # every update's with the rollout-step warm-up; else the last one's
+            "updates": len(results),
             "advantage_abs_mean": advantages.abs().mean().item(),
             # groups whose rewards were all equal: no outcome signal, OPD gated off
             "zero_advantage_groups": (advantages.reshape(-1, batch.group_size).abs().amax(1) == 0).float().mean().item(),
@@ -173,6 +170,13 @@ class Trainer:
             **{f"time/{phase}": seconds for phase, seconds in timer.seconds.items()},
         })
         return metrics
+
+    def _k1_per_sample(self, batch: StepBatch, shapes, old, reference) -> torch.Tensor:
+        """Σ_t (log π_old − log π_ref) per sample: GRPO's k1 KL folded into the reward."""
+        if old is None:
+            return self.passes.sum_per_sample(batch, shapes, reference, lambda mb, ref: mb.rollout_logprobs - ref)
+        paired = [list(zip(o, r)) for o, r in zip(old, reference)]
+        return self.passes.sum_per_sample(batch, shapes, paired, lambda mb, pair: pair[0] - pair[1])
 
     def _from_driver(self, produce):
         """Rank 0 runs `produce()` and every rank gets its result; if it raises, every rank
@@ -209,6 +213,8 @@ class Trainer:
         from sdpg_megatron.checkpoint import save_checkpoint
 
         state = {"step": step, "config": config_to_dict(self.config)}
+        if self.driver is not None:  # rank 0 writes the trainer state
+            state["prompt_position"] = self.driver.prompts.position
         path = save_checkpoint(self.checkpoint_dir, step, self.passes.policy, self.groups, state,
                                keep_last=self.config.checkpoint.keep_last)
         if self.is_driver:
@@ -220,186 +226,15 @@ class Trainer:
             self.driver = None
 
 
-class _Driver:
-    """Rank 0's side of a step: prompts, rollouts, rewards, metrics."""
-
-    def __init__(self, config: Config, fleet, start_step: int):
-        from transformers import AutoTokenizer
-
-        from sdpg_megatron.metrics import MetricsLogger
-        from sdpg_megatron.reward import VerifierPool
-
-        self.config = config
-        out_dir = Path(config.logging.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_dir or config.model.hf_dir)
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {config.model.tokenizer_dir or config.model.hf_dir} has no EOS token")
-        self.prompts = PromptSet(config, self.tokenizer)
-        self.verifier = VerifierPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
-        self.ray_dir = None
-        self.owns_fleet = fleet is None
-        self.fleet = fleet if fleet is not None else self._start_fleet()
-        self.metrics = MetricsLogger(
-            out_dir, total_steps=config.schedule.total_steps, start_step=start_step,
-            tensorboard=config.logging.tensorboard, progress=config.logging.progress,
-        )
-        self.eval_dir = out_dir / "eval"
-        self.benchmarks = []
-        if config.evaluation.benchmarks:
-            from sdpg_megatron.evaluate import EvalHistory, load_benchmarks, parse_benchmark_specs
-
-            self.benchmarks = load_benchmarks(parse_benchmark_specs(config.evaluation.benchmarks), self.tokenizer,
-                                              max_prompt_tokens=config.data.max_prompt_tokens)
-            self.eval_history = EvalHistory.load(self.eval_dir / "summary.json", up_to_step=start_step)
-
-    def maybe_evaluate(self, step: int) -> dict[str, float]:
-        """pass@1 mean@k on the benchmarks every evaluation.interval steps and after the
-        last; per-problem results in eval/step_XXXXXXXX.json, Last/Best in eval/summary.json."""
-        from sdpg_megatron.evaluate import evaluate
-        from sdpg_megatron.fsio import write_json_atomic
-        from sdpg_megatron.rollout.engine import SamplingSettings
-
-        e, r = self.config.evaluation, self.config.rollout
-        if not self.benchmarks or not e.interval or (step % e.interval and step != self.config.schedule.total_steps):
-            return {}
-        sampling = SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                    max_tokens=e.max_response_tokens or r.max_response_tokens,
-                                    stop_token_ids=(self.tokenizer.eos_token_id,))
-        started = time.perf_counter()
-        results = evaluate(self.fleet, self.tokenizer, self.verifier, self.benchmarks, k=e.k, sampling=sampling,
-                           seed=self.config.schedule.seed)
-        self.eval_history.add(step, results)
-        write_json_atomic(self.eval_dir / f"step_{step:08d}.json", {"step": step, "k": e.k, "benchmarks": results})
-        write_json_atomic(self.eval_dir / "summary.json", self.eval_history.summary())
-        metrics = {f"eval/{name}/pass@1": result["pass@1"] for name, result in results.items()}
-        metrics["time/eval"] = time.perf_counter() - started
-        return metrics
-
-    def _start_fleet(self):
-        from sdpg_megatron.rollout.engine import EngineSettings
-        from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
-
-        r = self.config.rollout
-        if r.ray_address is None:
-            self.ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")  # Ray's socket paths must be short
-            os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(self.ray_dir, "vllm-cache"))
-        connect_ray(temp_dir=self.ray_dir, address=r.ray_address)
-        engine = EngineSettings(
-            model_dir=self.config.model.hf_dir, tensor_parallel=r.engine_tensor_parallel, dtype=r.dtype,
-            max_model_len=self.config.data.max_prompt_tokens + r.max_response_tokens,
-            max_num_seqs=r.max_num_seqs, kv_cache_bytes=r.kv_cache_bytes,
-            gpu_memory_utilization=r.gpu_memory_utilization, cpu_threads_bind=r.cpu_threads_bind,
-            seed=self.config.schedule.seed,
-        )
-        logger.info("starting %d rollout engine(s)", r.num_engines)
-        return RolloutFleet(FleetSettings(
-            num_engines=r.num_engines, engine=engine, cpus_per_engine=r.cpus_per_engine,
-            gpus_per_engine=r.gpus_per_engine, request_timeout_s=r.request_timeout_s,
-            max_restarts=r.max_restarts, ray_address=r.ray_address,
-            weight_transport=r.weight_transport, weight_sync_timeout_s=r.weight_sync_timeout_s,
-        ))
-
-    def rollout(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:
-        from sdpg_megatron.reward import score_responses
-        from sdpg_megatron.rollout.engine import SamplingSettings
-
-        cfg, r = self.config, self.config.rollout
-        group_size = cfg.algorithm.group_size
-        problems = self.prompts.batch(step)
-        sampling = SamplingSettings(
-            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_response_tokens,
-            stop_token_ids=(self.tokenizer.eos_token_id,),
-        )
-        with timer("rollout"):
-            groups = self.fleet.generate(
-                [p.student_ids for p, _ in problems], n=group_size, sampling=sampling,
-                seed=cfg.schedule.seed * 1_000_003 + step,
-            )
-        rollouts = [rollout for group in groups for rollout in group]
-        stale = [x.weight_version for x in rollouts if x.weight_version != self.fleet.version]
-        if stale:
-            raise RuntimeError(f"step {step}: rollouts from weight versions {sorted(set(stale))}, fleet is at {self.fleet.version}")
-        with timer("reward"):
-            texts = [self.tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in rollouts]
-            answers = [problems[x.prompt_index][1].answer for x in rollouts]
-            scored = score_responses(
-                self.verifier, texts, answers, [len(x.token_ids) for x in rollouts],
-                max_response_tokens=r.max_response_tokens, overlong_buffer=cfg.reward.overlong_buffer,
-                truncated=[x.finish_reason == "length" for x in rollouts],
-            )
-        samples = [
-            Sample(group=x.prompt_index, student_prompt=problems[x.prompt_index][0].student_ids,
-                   teacher_prompt=problems[x.prompt_index][0].teacher_ids, response=list(x.token_ids),
-                   old_logprobs=list(x.logprobs), reward=reward, correct=correct)
-            for x, reward, correct in zip(rollouts, scored.rewards, scored.correct)
-        ]
-        lengths = torch.tensor([len(x.token_ids) for x in rollouts], dtype=torch.float64)
-        correct = torch.tensor(scored.correct, dtype=torch.float64).reshape(-1, group_size)
-        total = len(rollouts)
-        metrics = {
-            "reward_mean": sum(scored.rewards) / total,
-            "accuracy": correct.mean().item(),
-            "pass_at_group": (correct.amax(dim=1)).mean().item(),
-            "response_length": lengths.mean().item(),
-            "response_length_max": lengths.max().item(),
-            **{f"verifier/{status}": count / total for status, count in scored.counts.items()},
-            "data/invalid_rows": self.prompts.num_invalid,
-            "data/too_long": self.prompts.num_too_long,
-        }
-        return make_step_batch(step, samples, group_size), metrics
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.verifier.close()
-        if self.owns_fleet:
-            import ray
-
-            self.fleet.shutdown()
-            ray.shutdown()
-            if self.ray_dir:
-                shutil.rmtree(self.ray_dir, ignore_errors=True)
-
-
-class PromptSet:
-    """The training prompts, loaded, validated and encoded once; `batch(step)` is a pure
-    function of (seed, step), so a resumed run sees the same prompts."""
-
-    def __init__(self, config: Config, tokenizer):
-        from sdpg_megatron.data import PromptSampler, PromptTooLongError, encode_problem, load_dapo_parquet
-
-        problems, self.num_invalid, self.num_too_long = [], 0, 0
-        for path in config.data.train_files:
-            report = load_dapo_parquet(path)
-            self.num_invalid += report.num_invalid
-            for reason in report.invalid:
-                logger.warning("%s: skipped %s", path, reason)
-            problems.extend(report.problems)
-        items = []  # (EncodedPrompt, Problem); uids need not be unique across files
-        for problem in problems:
-            try:
-                encoded = encode_problem(
-                    tokenizer, problem, max_prompt_tokens=config.data.max_prompt_tokens, privileged=config.data.privileged
-                )
-            except PromptTooLongError as error:
-                self.num_too_long += 1
-                logger.warning("skipped: %s", error)
-                continue
-            items.append((encoded, problem))
-        if len(items) < config.schedule.prompts_per_step:
-            raise ValueError(
-                f"data.train_files {list(config.data.train_files)} give {len(items)} usable problems "
-                f"({self.num_invalid} invalid rows, {self.num_too_long} prompts over data.max_prompt_tokens); "
-                f"a step needs schedule.prompts_per_step={config.schedule.prompts_per_step}"
-            )
-        logger.info("training data: %d problems (%d invalid rows, %d too long)", len(items), self.num_invalid, self.num_too_long)
-        self.sampler = PromptSampler(items, config.schedule.seed)
-        self.prompts_per_step = config.schedule.prompts_per_step
-
-    def batch(self, step: int):
-        """[(EncodedPrompt, Problem)] for rollout step `step` (1-based)."""
-        return self.sampler.batch(step - 1, self.prompts_per_step)
+def _gated_token_scale(batch: StepBatch, advantages: torch.Tensor, minibatch: int, num_minibatches: int) -> float:
+    """(all response tokens) / (tokens of samples with A > 0) of PPO mini-batch `minibatch`,
+    over every data-parallel rank: turns the token-mean over all tokens into one over the
+    gated tokens (algorithm.loss_tokens="gated")."""
+    per_minibatch = len(batch.samples) // num_minibatches
+    ids = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
+    lengths = [len(batch.samples[i].response) for i in ids]
+    gated = sum(length for i, length in zip(ids, lengths) if advantages[i] > 0)
+    return sum(lengths) / gated if gated else 0.0
 
 
 # --------------------------------------------------------------------------- command line
@@ -408,7 +243,7 @@ class PromptSet:
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(prog="sdpg_megatron.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a JSON config written by an earlier run (out_dir/config.json)")
-    parser.add_argument("--preset", help="algorithm preset: sdpg-urkl, sdpg-ufkl, grpo, rlsd, opcd, ablation-beta0, ablation-alpha0")
+    parser.add_argument("--preset", help=f"algorithm preset: {', '.join(ALGORITHM_PRESETS)}")
     parser.add_argument("--hf-dir", help="Hugging Face Qwen3 directory: initial weights, config and tokenizer")
     parser.add_argument("--train-data", action="append", help="DAPO-schema parquet (repeatable)")
     parser.add_argument("--out-dir", help="run directory: metrics, TensorBoard, checkpoints")
@@ -432,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     try:
         config = config_from_dict(json.loads(Path(args.config).read_text())) if args.config else Config()
         if args.preset:
-            config.algorithm = algorithm_preset(args.preset)
+            apply_preset(config, args.preset)
         shortcuts = {
             "model.hf_dir": args.hf_dir, "logging.out_dir": args.out_dir, "parallel.tensor_parallel": args.tp,
             "parallel.pipeline_parallel": args.pp, "schedule.total_steps": args.steps, "schedule.seed": args.seed,
@@ -544,3 +379,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+

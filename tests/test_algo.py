@@ -209,14 +209,19 @@ def _batch(seed=0, num_tokens=12):
         old_logprobs=old,
         ref_logprobs=old + 0.2 * randn(),
         teacher_logprobs=old + 0.5 * randn(),
-        reverse_kl=(randn().abs() * 0.1).requires_grad_(True),
+        # token 5 is over the authors' 20-nat KL clamp
+        reverse_kl=(randn().abs() * 0.1 + 30.0 * (torch.arange(num_tokens) == 5)).requires_grad_(True),
+        entropy=(randn().abs() + 0.5).requires_grad_(True),
         advantages=torch.tensor([1.2, 1.2, 1.2, -0.4, -0.4, 0.0, 0.0, 0.0, 2.0, 2.0, -1.5, -1.5], dtype=torch.float64),
         mask=torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.float64),
     )
 
 
-def _naive_loss(batch, config: cfg.AlgorithmConfig, step: int, total_steps: int, num_tokens: float) -> float:
-    """METHOD.md's formula written token by token with Python floats."""
+def _naive_loss(batch, config: cfg.AlgorithmConfig, step: int, total_steps: int, num_tokens: float,
+                gated_scale: float = 1.0) -> float:
+    """docs/method.md's formula written token by token with Python floats, with the authors'
+    settings: the KL clamp, OPSD's teacher-weighted advantages, the mean over gated tokens
+    (scaled by gated_scale = all / gated tokens) and the entropy bonus."""
     c = config
     batch = {name: value.detach() for name, value in batch.items()}
     if c.beta_schedule == "constant":
@@ -232,9 +237,13 @@ def _naive_loss(batch, config: cfg.AlgorithmConfig, step: int, total_steps: int,
             continue
         lp, old, ref = float(batch["logprobs"][t]), float(batch["old_logprobs"][t]), float(batch["ref_logprobs"][t])
         a = float(batch["advantages"][t])
+        positive = 1.0 if a > 0 else 0.0
+        scale = positive * gated_scale if c.loss_tokens == "gated" else 1.0
         term = 0.0
         if c.use_outcome:
-            if c.advantage_reweighting == "rlsd":
+            if c.advantage_reweighting == "opsd":
+                a = positive * min(max(float(batch["teacher_logprobs"][t]) - old, 0.0), 20.0)
+            elif c.advantage_reweighting == "rlsd":
                 sign = (a > 0) - (a < 0)
                 u = math.exp(sign * max(-20, min(20, float(batch["teacher_logprobs"][t]) - old)))
                 a = a * ((1 - lam) + lam * min(max(u, 1 - c.rlsd_clip), 1 + c.rlsd_clip))
@@ -242,13 +251,17 @@ def _naive_loss(batch, config: cfg.AlgorithmConfig, step: int, total_steps: int,
             clipped = max(-a * rho, -a * min(max(rho, 1 - c.clip_low), 1 + c.clip_high))
             if c.dual_clip is not None and a < 0:
                 clipped = min(clipped, -a * c.dual_clip)
-            term += clipped
+            term += scale * clipped
         gate = 1.0 if (c.gate == "none" or float(batch["advantages"][t]) > 0) else 0.0
-        term += beta * gate * float(batch["reverse_kl"][t])
+        kl = float(batch["reverse_kl"][t])
+        if c.opd_kl_clamp is not None:
+            kl = min(kl, c.opd_kl_clamp)
+        term += beta * (scale if c.loss_tokens == "gated" else gate) * kl
         if c.anchor != "none":
             lw = lp - ref
             f = {"urkl": 0.5 * lw**2, "ufkl": math.exp(-lw) + lw, "fkl": math.exp(-lw), "rkl": 0.5 * (lw + 1) ** 2}[c.anchor]
             term += c.alpha * f
+        term -= c.entropy_coef * float(batch["entropy"][t])
         total += term
     return total / num_tokens
 
@@ -259,8 +272,9 @@ def test_each_preset_reproduces_its_formula(preset, step):
     config = cfg.algorithm_preset(preset)
     batch = _batch(seed=step)
     num_tokens = 17.0  # the global count: more tokens than this micro-batch holds
-    loss, metrics = sdpg_loss(**batch, step=step, total_steps=400, config=config, num_tokens=num_tokens)
-    assert loss.item() == pytest.approx(_naive_loss(batch, config, step, 400, num_tokens), rel=1e-12)
+    loss, metrics = sdpg_loss(**batch, step=step, total_steps=400, config=config, num_tokens=num_tokens,
+                              gated_token_scale=2.5)
+    assert loss.item() == pytest.approx(_naive_loss(batch, config, step, 400, num_tokens, 2.5), rel=1e-12)
     assert all(not v.requires_grad for v in metrics.values())
 
 
@@ -322,6 +336,7 @@ def test_opd_kl_metric_averages_where_the_teacher_ran():
     ("sdpg-urkl", 400, "none"),  # β(T) = 0 after the decay
     ("opcd", 1, "all"),  # no gate
     ("rlsd", 1, "all"),  # β = 0, but every token's advantage is reweighted by log q(y_t)
+    ("opsd", 1, "all"),  # every token's advantage is log q_ref(y_t) − log π_old(y_t)
     ("grpo", 1, "none"),  # no teacher at all
 ])
 def test_teacher_sample_mask(preset, step, expected):
@@ -394,3 +409,45 @@ def test_weight_transport_setting():
         cfg.validate(cfg.RolloutConfig(weight_transport="nccl"))
     with pytest.raises(ValueError, match="rollout.gpus_per_engine: an engine's 2 TP workers need one GPU each"):
         cfg.validate(cfg.RolloutConfig(engine_tensor_parallel=2, gpus_per_engine=1))
+
+
+def test_authors_settings_change_the_loss_where_they_should():
+    """Each of the authors' settings moves the loss (the formula test above would pass
+    vacuously if a setting were ignored by both sides)."""
+    batch = _batch(seed=3)
+
+    def loss(config, **kwargs):
+        return sdpg_loss(**batch, step=100, total_steps=400, config=config, num_tokens=10.0, **kwargs)[0].item()
+
+    base = cfg.AlgorithmConfig(name="x", beta_base=0.5, beta_schedule="constant", gate="none")
+    clamped = cfg.AlgorithmConfig(name="x", beta_base=0.5, beta_schedule="constant", gate="none", opd_kl_clamp=20.0)
+    assert loss(base) - loss(clamped) == pytest.approx(0.5 * (batch["reverse_kl"][5].item() - 20.0) / 10.0)
+    entropic = cfg.AlgorithmConfig(name="x", beta_base=0.5, beta_schedule="constant", gate="none", entropy_coef=0.01)
+    masked_entropy = float((batch["entropy"].detach() * batch["mask"]).sum())
+    assert loss(base) - loss(entropic) == pytest.approx(0.01 * masked_entropy / 10.0)
+    opsd = cfg.algorithm_preset("opsd")
+    opsd.entropy_coef = 0.0  # the entropy bonus stays a mean over every token
+    assert loss(opsd, gated_token_scale=2.0) == pytest.approx(2 * loss(opsd, gated_token_scale=1.0))
+    assert loss(opsd) != 0.0
+
+
+def test_opsd_advantages_and_truncated_importance_weights():
+    from sdpg_megatron.algo import opsd_token_advantages, truncated_importance_weights
+
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, 0.0])
+    teacher = torch.tensor([-1.0, -3.0, 40.0, 0.0, 0.0])
+    old = torch.tensor([-2.0, -2.0, 0.0, -5.0, -5.0])
+    assert opsd_token_advantages(advantages, teacher, old).tolist() == [1.0, 0.0, 20.0, 0.0, 0.0]
+    weights = truncated_importance_weights(torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([-1.0, -2.0, -0.5]), 2.0)
+    assert weights.tolist() == pytest.approx([1.0, 2.0, math.exp(-0.5)])  # e^1 capped at 2
+
+
+def test_preset_run_settings_apply_outside_the_algorithm_section():
+    config = cfg.apply_preset(cfg.Config(), "opsd")
+    assert config.optimizer.lr == 5e-6 and config.reward.overlong_buffer is None
+    assert config.algorithm.uses_reference and config.algorithm.uses_teacher
+    rlsd = cfg.apply_preset(cfg.Config(), "rlsd")
+    assert (rlsd.algorithm.clip_low, rlsd.algorithm.clip_high) == (0.2, 0.2) and rlsd.reward.overlong_buffer is None
+    assert cfg.apply_preset(cfg.Config(), "sdpg-urkl").reward.overlong_buffer == 512
+    with pytest.raises(ValueError, match="tis_cap"):
+        cfg.validate(cfg.AlgorithmConfig(old_logprobs="engine", tis_cap=2.0))

@@ -18,11 +18,14 @@ from sdpg_megatron.data import (
     build_char_tokenizer,
     encode_problem,
     extract_question,
+    first_non_english_letter,
+    is_english,
     load_dapo_parquet,
     render_prompt,
     sft_examples,
     student_content,
     teacher_content,
+    template_supports_thinking,
     write_dapo_parquet,
 )
 
@@ -158,6 +161,7 @@ def test_write_load_round_trip(tmp_path):
         path = tmp_path / wrap / "synthetic.parquet"
         write_dapo_parquet(problems, path, wrap=wrap)
         assert [p.name for p in path.parent.iterdir()] == ["synthetic.parquet"]
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
         report = load_dapo_parquet(path)
         assert report.problems == problems
         assert report.num_duplicates == report.num_invalid == 0
@@ -203,20 +207,33 @@ def test_template_texts():
         "\n\nThe correct answer to this problem is: 7\n"
         "Use this to verify your reasoning, but show your full solution process."
     )
+    # Fig. 4's answer+solution context, character for character: three lines.
+    fig4 = (
+        "[Hint] The correct answer is 7. A common way to solve this is:\n"
+        "3 + 4 = 7.\n"
+        "[Instruction] If possible, derive the answer 7 using an alternative, equally rigorous "
+        "mathematical approach (e.g., algebraic vs geometric, or different substitution). If no "
+        "alternative exists, articulate the standard approach with exceptional clarity. Do NOT "
+        "state that you were given the answer or reference."
+    )
     with_solution = teacher_content("Q", "7", "3 + 4 = 7.")
-    assert with_solution.startswith(student_content("Q") + "\n\n[Hint] The correct answer is 7.")
-    assert "A common way to solve this is:\n3 + 4 = 7.\n[Instruction] If possible" in with_solution
-    assert "derive the answer 7 using an alternative" in with_solution
-    assert with_solution.endswith("Do NOT state that you were given the answer or reference.")
+    assert with_solution == student_content("Q") + "\n\n" + fig4
+    assert len(fig4.split("\n")) == 3
+    assert teacher_content("Q", "7", "\n 3 + 4 = 7. \n") == with_solution  # solution stripped
+    # a multi-line solution keeps its own lines; the hint and instruction stay one line each
+    lines = teacher_content("Q", "7", "3 + 4\n= 7.").split("\n\n")[-1].split("\n")
+    assert lines[0].startswith("[Hint]") and lines[1:3] == ["3 + 4", "= 7."]
+    assert lines[3].startswith("[Instruction]") and len(lines) == 4
 
 
 def test_teacher_prompt_extends_student_prefix(tokenizer):
     problem = Problem(uid="p", question="What is 2 + 2?", answer="4", solution="2 + 2 = 4.")
     student_prefix = tokenizer.encode("<|im_start|>user\n")
-    assert render_prompt(tokenizer, "")[: len(student_prefix)] == student_prefix
+    assert render_prompt(tokenizer, "", enable_thinking=False)[: len(student_prefix)] == student_prefix
     assistant_header = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
     for privileged in ("answer", "answer+solution"):
-        encoded = encode_problem(tokenizer, problem, max_prompt_tokens=2048, privileged=privileged)
+        encoded = encode_problem(tokenizer, problem, max_prompt_tokens=2048, enable_thinking=True,
+                                 privileged=privileged)
         assert isinstance(encoded.student_ids, list)
         assert all(type(token_id) is int for token_id in encoded.student_ids)
         assert len(encoded.teacher_ids) > len(encoded.student_ids)
@@ -225,26 +242,28 @@ def test_teacher_prompt_extends_student_prefix(tokenizer):
         assert encoded.teacher_ids[:content_end] == encoded.student_ids[:content_end]
         assert encoded.teacher_ids[: len(student_prefix)] == student_prefix
         assert encoded.teacher_ids[-len(assistant_header):] == assistant_header
-    answer_only = encode_problem(tokenizer, problem, max_prompt_tokens=2048)
+    answer_only = encode_problem(tokenizer, problem, max_prompt_tokens=2048, enable_thinking=True)
     no_solution = Problem(uid="p", question=problem.question, answer="4")
-    fallback = encode_problem(tokenizer, no_solution, max_prompt_tokens=2048,
+    fallback = encode_problem(tokenizer, no_solution, max_prompt_tokens=2048, enable_thinking=True,
                               privileged="answer+solution")
     assert fallback == answer_only
-    none = encode_problem(tokenizer, problem, max_prompt_tokens=2048, privileged="none")
+    none = encode_problem(tokenizer, problem, max_prompt_tokens=2048, enable_thinking=True,
+                          privileged="none")
     assert none.teacher_ids == none.student_ids == answer_only.student_ids
 
 
 def test_prompt_too_long(tokenizer):
     problem = Problem(uid="long-1", question="x" * 50, answer="1")
-    num_student = len(render_prompt(tokenizer, student_content(problem.question)))
+    num_student = len(render_prompt(tokenizer, student_content(problem.question), enable_thinking=True))
     with pytest.raises(PromptTooLongError, match=rf"long-1.*{num_student}.*{num_student - 1}"):
-        encode_problem(tokenizer, problem, max_prompt_tokens=num_student - 1)
+        encode_problem(tokenizer, problem, max_prompt_tokens=num_student - 1, enable_thinking=True)
     # the student fits, the teacher does not: still an error, never a truncation
     with pytest.raises(PromptTooLongError, match="teacher"):
-        encode_problem(tokenizer, problem, max_prompt_tokens=num_student)
+        encode_problem(tokenizer, problem, max_prompt_tokens=num_student, enable_thinking=True)
     assert issubclass(PromptTooLongError, ValueError)
     with pytest.raises(ValueError, match="privileged"):
-        encode_problem(tokenizer, problem, max_prompt_tokens=10**6, privileged="solution")
+        encode_problem(tokenizer, problem, max_prompt_tokens=10**6, enable_thinking=True,
+                       privileged="solution")
 
 
 def test_render_prompt_passes_enable_thinking_only_when_the_template_knows_it():
@@ -257,11 +276,109 @@ def test_render_prompt_passes_enable_thinking_only_when_the_template_knows_it():
             return {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]]}
 
     qwen3 = FakeTokenizer("{% if enable_thinking is defined and enable_thinking is false %}")
-    assert render_prompt(qwen3, "hi") == [1, 2, 3]
-    assert qwen3.kwargs["enable_thinking"] is False
+    assert template_supports_thinking(qwen3)
+    for flag in (True, False):
+        assert render_prompt(qwen3, "hi", enable_thinking=flag) == [1, 2, 3]
+        assert qwen3.kwargs["enable_thinking"] is flag
     plain = FakeTokenizer("{{ messages }}")
-    render_prompt(plain, "hi")
-    assert "enable_thinking" not in plain.kwargs
+    assert not template_supports_thinking(plain)
+    for flag in (True, False):
+        render_prompt(plain, "hi", enable_thinking=flag)
+        assert "enable_thinking" not in plain.kwargs
+    with pytest.raises(TypeError, match="enable_thinking"):
+        render_prompt(plain, "hi")  # required: callers must say which mode they train in
+
+
+# Qwen3's handling of the switch, on the project's chat layout: after the generation prompt,
+# an empty think block only when enable_thinking is false (Qwen3's own template does the same).
+QWEN3_LIKE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen3_like_tokenizer():
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = QWEN3_LIKE_TEMPLATE
+    return tokenizer
+
+
+def test_thinking_on_ends_at_the_assistant_header_off_adds_an_empty_think_block(qwen3_like_tokenizer):
+    tokenizer = qwen3_like_tokenizer
+    header = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    on = tokenizer.decode(render_prompt(tokenizer, "hi", enable_thinking=True))
+    off = tokenizer.decode(render_prompt(tokenizer, "hi", enable_thinking=False))
+    assert on == header
+    assert off == header + "<think>\n\n</think>\n\n"
+    problem = Problem(uid="p", question="What is 2 + 2?", answer="4", solution="2 + 2 = 4.")
+    for flag, suffix in ((True, "<|im_start|>assistant\n"),
+                         (False, "<|im_start|>assistant\n<think>\n\n</think>\n\n")):
+        for privileged in ("answer", "answer+solution", "none"):
+            encoded = encode_problem(tokenizer, problem, max_prompt_tokens=4096, enable_thinking=flag,
+                                     privileged=privileged)
+            # both views share the assistant prefix the response tokens follow
+            assert tokenizer.decode(encoded.student_ids).endswith("<|im_end|>\n" + suffix)
+            assert tokenizer.decode(encoded.teacher_ids).endswith("<|im_end|>\n" + suffix)
+
+
+def test_char_tokenizer_ignores_the_thinking_flag(tokenizer):
+    assert not template_supports_thinking(tokenizer)
+    assert render_prompt(tokenizer, "hi", enable_thinking=True) == render_prompt(
+        tokenizer, "hi", enable_thinking=False)
+    problem = Problem(uid="p", question="What is 2 + 2?", answer="4", solution="2 + 2 = 4.")
+    for privileged in ("answer", "answer+solution", "none"):
+        on, off = (encode_problem(tokenizer, problem, max_prompt_tokens=4096, enable_thinking=flag,
+                                  privileged=privileged) for flag in (True, False))
+        assert on == off
+    assert tokenizer.decode(render_prompt(tokenizer, "hi", enable_thinking=False)).endswith(
+        "<|im_start|>assistant\n")
+
+
+# ---- English rule -------------------------------------------------------------------
+
+ENGLISH = [
+    "What is $1+1$?",
+    "Compute $\\frac{\\pi}{2} \\times \\sqrt{3}$ and $\\sum_{k=1}^{n} k$.",
+    "Using π ≈ 3.14, is 2 × 3 ≤ 7 and 5 ≥ 4? Find θ, Σ and ω.",
+    "Zoë and José share ¾ of 12 apples; Gödel, Erdős and Noël count ñ and ß.",
+    "Let f: ℝ → ℝ with f(x)² = xⁿ, x ∈ ℕ, ℓ = 𝑥 + 𝔽 and |ℵ₀| (ᵀ, ₖ).",
+    "In △ABC, ∠A = 60°, AB ∥ CD, AB ⊥ BC, 30º, and the answer is −5 ± √2.",
+    "“Quoted” — with an em dash… and a bullet • point（full-width parentheses）.",
+    "",
+]
+NON_ENGLISH = [
+    ("已知 $x^2 = 4$，求 $x$ 的值。", "已"),
+    ("A bag weighs $5\\text{千克}$; how many grams?", "千"),  # inside LaTeX still counts
+    ("次の値を求めよ: $2+3$", "次"),
+    ("ひらがな $x$", "ひ"),
+    ("カタカナ", "カ"),
+    ("ー", "ー"),  # a kana modifier letter (category Lm)
+    ("다음을 계산하시오: $2+2$", "다"),
+    ("Найдите $x$, если $2x = 4$.", "Н"),
+    ("Find $x$ (Сase with a Cyrillic С).", "С"),
+    ("احسب $x$", "ا"),
+    ("חשב את x", "ח"),
+    ("คำนวณ", "ค"),
+    ("गणना करें", "ग"),
+    ("Ｆｕｌｌ-width Latin", "Ｆ"),
+]
+
+
+def test_is_english_is_a_script_test_on_letters():
+    for text in ENGLISH:
+        assert is_english(text), text
+        assert first_non_english_letter(text) is None
+    for text, letter in NON_ENGLISH:
+        assert not is_english(text), text
+        assert first_non_english_letter(text) == letter
 
 
 # ---- character tokenizer ------------------------------------------------------------
@@ -285,7 +402,7 @@ def test_char_tokenizer_is_lossless(tokenizer):
     for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         assert len(tokenizer.encode(special)) == 1
     assert tokenizer.convert_tokens_to_ids(CHAT_EOS) == tokenizer.eos_token_id
-    rendered = tokenizer.decode(render_prompt(tokenizer, "hi\\{}"))
+    rendered = tokenizer.decode(render_prompt(tokenizer, "hi\\{}", enable_thinking=True))
     assert rendered == "<|im_start|>user\nhi\\{}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -298,7 +415,7 @@ def test_char_tokenizer_save_load_identity(tmp_path, tokenizer):
     assert loaded.encode(text) == tokenizer.encode(text)
     assert loaded.decode(loaded.encode(text)) == text
     assert loaded.chat_template == tokenizer.chat_template
-    assert render_prompt(loaded, text) == render_prompt(tokenizer, text)
+    assert render_prompt(loaded, text, enable_thinking=True) == render_prompt(tokenizer, text, enable_thinking=True)
     assert loaded.get_vocab() == tokenizer.get_vocab()
     assert (loaded.eos_token, loaded.pad_token) == (tokenizer.eos_token, tokenizer.pad_token)
 

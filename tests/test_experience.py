@@ -11,7 +11,7 @@ from sdpg_megatron.experience import Sample, make_step_batch, micro_batches, min
 
 def _sample(group, prompt, teacher, response):
     return Sample(group=group, student_prompt=prompt, teacher_prompt=teacher, response=response,
-                  old_logprobs=[-0.1 * (i + 1) for i in range(len(response))], reward=0.0, correct=False)
+                  rollout_logprobs=[-0.1 * (i + 1) for i in range(len(response))], reward=0.0, correct=False)
 
 
 def test_both_views_select_the_same_response_tokens():
@@ -25,7 +25,7 @@ def test_both_views_select_the_same_response_tokens():
     assert mb.targets.tolist() == [40, 41, 50, 51, 52]
     assert mb.advantages.tolist() == [0.5, 0.5, -0.5, -0.5, -0.5]
     assert mb.sample_ids.tolist() == [0, 0, 1, 1, 1]
-    assert mb.old_logprobs.tolist() == pytest.approx([-0.1, -0.2, -0.1, -0.2, -0.3])
+    assert mb.rollout_logprobs.tolist() == pytest.approx([-0.1, -0.2, -0.1, -0.2, -0.3])
 
 
 def test_empty_response_contributes_no_tokens():
@@ -49,7 +49,7 @@ def test_minibatches_are_whole_groups_dealt_to_dp_ranks():
 
 def test_logprob_count_mismatch_is_an_error():
     bad = _sample(0, [1], [1], [2, 3])
-    bad.old_logprobs = [-1.0]
+    bad.rollout_logprobs = [-1.0]
     batch = make_step_batch(1, [bad], group_size=1)
     with pytest.raises(ValueError, match="2 response tokens but 1 rollout log-probs"):
         micro_batches(batch, [0], 1, torch.zeros(1), pad_id=0)

@@ -98,7 +98,7 @@ def test_batch_rule_is_exactly_minibatch_sample_ids_rule(prompts, minibatches, g
     config = tiny_config(f"schedule.prompts_per_step={prompts}", f"schedule.minibatches_per_step={minibatches}",
                          f"algorithm.group_size={group_size}")
     samples = [Sample(group=i // group_size, student_prompt=[1], teacher_prompt=[1], response=[2],
-                      old_logprobs=[0.0], reward=0.0, correct=False) for i in range(prompts * group_size)]
+                      rollout_logprobs=[0.0], reward=0.0, correct=False) for i in range(prompts * group_size)]
     batch = make_step_batch(1, samples, group_size)
     try:
         minibatch_sample_ids(batch, minibatches, dp, 0)

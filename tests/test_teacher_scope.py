@@ -32,7 +32,7 @@ def _batch():
         hint = torch.randint(0, VOCAB, (3,), generator=generator).tolist()
         response = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
         samples.append(Sample(group=index // 4, student_prompt=prompt, teacher_prompt=prompt + hint, response=response,
-                              old_logprobs=[-6.0] * length, reward=0.0, correct=False))
+                              rollout_logprobs=[-6.0] * length, reward=0.0, correct=False))
     return make_step_batch(1, samples, 4), torch.tensor([a for a, _ in SAMPLES])
 
 

@@ -62,7 +62,7 @@ def synthetic_batch(num_prompts: int, group_size: int, prompt: int, hint: int, r
         for i in range(group_size):
             tokens = torch.randint(0, vocab, (response,), generator=generator).tolist()
             samples.append(Sample(group=g, student_prompt=student_prompt, teacher_prompt=teacher_prompt,
-                                  response=tokens, old_logprobs=[-11.0] * response,
+                                  response=tokens, rollout_logprobs=[-11.0] * response,
                                   reward=float(i % 2), correct=bool(i % 2)))
     batch = make_step_batch(1, samples, group_size)
     advantages = torch.tensor([1.0 if s.correct else -1.0 for s in samples])

@@ -2,6 +2,7 @@
 # The body every examples/sdpg_*.sh script sources after setting its variables and flag
 # arrays. It is not run on its own. Three modes, chosen by how the script was started:
 #
+#   bash examples/sdpg_qwen3_4b_tp2.sh --print-config   the resolved config tree as JSON, nothing else
 #   bash examples/sdpg_qwen3_4b_tp2.sh --dry-run   validate config + layout here, no GPUs, no Slurm
 #   bash examples/sdpg_qwen3_4b_tp2.sh             submit itself with sbatch (the #SBATCH header)
 #   (inside the allocation)                        convert if needed, start Ray, train
@@ -32,6 +33,8 @@ TRAIN_ARGS=(
 )
 TRAIN_WORLD_SIZE=$((TRAIN_NODES * TRAIN_GPUS_PER_NODE))
 # The environment tools/install.sh made (or any python with the package installed).
+# Without PYTHON or SDPG_VENV, the repository's own .venv (what `make demo` / `make test` made).
+if [[ -z ${SDPG_VENV:-} && -z ${PYTHON:-} && -x $SDPG_ROOT/.venv/bin/python ]]; then SDPG_VENV=$SDPG_ROOT/.venv; fi
 if [[ -n ${SDPG_VENV:-} ]]; then source "$SDPG_VENV/bin/activate"; fi
 PYTHON=${PYTHON:-python}
 
@@ -50,6 +53,9 @@ prepare_model() {  # scripts that make their own model (the tiny one) do it wher
     "$@" "${PREPARE[@]}"
   fi
 }
+if [[ ${1:-} == --print-config ]]; then  # no model, no data, no GPUs needed
+  PYTHONWARNINGS=ignore exec "$PYTHON" -m sdpg_megatron.train --print-config "${TRAIN_ARGS[@]}"
+fi
 if [[ ${1:-} == --dry-run ]]; then
   prepare_model
   PYTHONWARNINGS=ignore exec "${DRY_RUN[@]}" "${TRAIN_ARGS[@]}"

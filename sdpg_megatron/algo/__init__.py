@@ -2,8 +2,10 @@
 
 from sdpg_megatron.algo.advantages import (
     group_relative_advantages,
+    opsd_token_advantages,
     rlsd_lambda,
     rlsd_token_advantages,
+    truncated_importance_weights,
 )
 from sdpg_megatron.algo.policy_loss import OutcomeTerms, clipped_outcome_loss
 from sdpg_megatron.algo.reference_kl import ANCHORS, anchor_penalty, kl_penalized_rewards
@@ -19,9 +21,11 @@ __all__ = [
     "distill_weight",
     "group_relative_advantages",
     "kl_penalized_rewards",
+    "opsd_token_advantages",
     "rlsd_lambda",
     "rlsd_token_advantages",
     "sdpg_loss",
     "teacher_sample_mask",
     "token_terms",
+    "truncated_importance_weights",
 ]

@@ -69,3 +69,35 @@ def rlsd_token_advantages(
     u = torch.exp(torch.sign(advantages) * log_ratio)
     weight = (1.0 - mix) + mix * u.clamp(1.0 - clip, 1.0 + clip)
     return (advantages * weight).detach()
+
+
+def opsd_token_advantages(
+    advantages: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    *,
+    max_weight: float = 20.0,
+) -> torch.Tensor:
+    """The authors' OPSD script: Â_t = 1[A > 0] · clamp(log q(y_t) − log π_old(y_t), 0, max_weight).
+
+    q is the frozen π_ref reading the privileged view. The lower clamp at 0 keeps a
+    student that overtakes its frozen teacher from pushing sampled tokens down; the gate
+    distils only responses the verifier preferred.
+
+    Args:
+        advantages: [T] group-relative advantages (A_i broadcast over response i).
+        teacher_logprobs: [T] log q(y_t).
+        old_logprobs: [T] log π_old(y_t).
+
+    Returns:
+        [T] non-negative per-token advantages, detached.
+    """
+    weight = (teacher_logprobs - old_logprobs).detach().nan_to_num(0.0).clamp(0.0, max_weight)
+    return (weight * (advantages.detach() > 0).to(weight.dtype)).detach()
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """[T] min(π_old(y_t) / π_engine(y_t), cap), detached: the token-level truncated
+    importance-sampling correction for sampling from the engine rather than from the
+    trainer's π_old (the two differ by numerics, or by a weight version off-policy)."""
+    return torch.exp(old_logprobs.detach() - rollout_logprobs.detach()).clamp(max=cap)

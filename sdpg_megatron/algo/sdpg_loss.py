@@ -19,7 +19,9 @@ from typing import NamedTuple
 
 import torch
 
-from sdpg_megatron.algo.advantages import rlsd_lambda, rlsd_token_advantages
+from sdpg_megatron.algo.advantages import (
+    opsd_token_advantages, rlsd_lambda, rlsd_token_advantages, truncated_importance_weights,
+)
 from sdpg_megatron.algo.policy_loss import OutcomeTerms, clipped_outcome_loss
 from sdpg_megatron.algo.reference_kl import anchor_penalty
 from sdpg_megatron.algo.schedules import distill_weight
@@ -46,7 +48,7 @@ def teacher_sample_mask(config: AlgorithmConfig, advantages: torch.Tensor, step:
     everyone = torch.ones(advantages.shape, dtype=torch.bool)
     if not config.uses_teacher:
         return ~everyone
-    if config.teacher_scope == "all" or config.advantage_reweighting == "rlsd":
+    if config.teacher_scope == "all" or config.advantage_reweighting != "none":
         return everyone
     if current_beta(config, step, total_steps) <= 0:
         return ~everyone
@@ -63,6 +65,7 @@ class TokenTerms(NamedTuple):
     beta: float  # β(k)
     gate: torch.Tensor | None  # [T] m_i, when β(k) > 0
     penalty: torch.Tensor | None  # [T] f_K(log w), when the anchor is on
+    tis_weight: torch.Tensor | None = None  # [T] min(π_old/π_engine, C), when tis_cap is set
 
 
 def token_terms(
@@ -76,15 +79,28 @@ def token_terms(
     reverse_kl: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    gated_token_scale: float = 1.0,
 ) -> TokenTerms:
     """Each token's term of the SDPG objective, a function of that token's statistics alone
     (so the loss is token-separable: `vocab_parallel_token_loss` may take it chunk by
     chunk). Arguments as in `sdpg_loss`."""
     per_token = torch.zeros_like(logprobs)
     outcome = None
+    tis_weight = None
+    # loss_tokens="gated": the gated terms are means over the gated samples' tokens; the
+    # caller's normaliser counts every token, so they are scaled by (all / gated) tokens.
+    positive = (advantages.detach() > 0).to(logprobs.dtype)
+    gated_scale = positive * gated_token_scale if config.loss_tokens == "gated" else None
     if config.use_outcome:
         token_advantages = advantages.detach()
-        if config.advantage_reweighting == "rlsd":
+        if config.advantage_reweighting == "opsd":
+            if teacher_logprobs is None:
+                raise ValueError("teacher_logprobs is required for OPSD's teacher-weighted advantages")
+            token_advantages = opsd_token_advantages(token_advantages, teacher_logprobs, old_logprobs,
+                                                     max_weight=config.log_ratio_clamp)
+        elif config.advantage_reweighting == "rlsd":
             if teacher_logprobs is None:
                 raise ValueError("teacher_logprobs is required for RLSD advantage reweighting")
             mix = rlsd_lambda(
@@ -99,18 +115,25 @@ def token_terms(
             clip_low=config.clip_low, clip_high=config.clip_high,
             dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
         )
-        per_token = per_token + outcome.loss
+        outcome_loss = outcome.loss
+        if config.tis_cap is not None:
+            if rollout_logprobs is None:
+                raise ValueError("rollout_logprobs (the engine's) are required by algorithm.tis_cap")
+            tis_weight = truncated_importance_weights(old_logprobs, rollout_logprobs, config.tis_cap)
+            outcome_loss = outcome_loss * tis_weight
+        if gated_scale is not None:
+            outcome_loss = outcome_loss * gated_scale
+        per_token = per_token + outcome_loss
 
     beta = current_beta(config, step, total_steps)
     gate = None
     if beta > 0:
         if reverse_kl is None:
             raise ValueError(f"reverse_kl is required: β(k={step}) = {beta:g} > 0")
-        if config.gate == "positive_advantage":
-            gate = (advantages.detach() > 0).to(logprobs.dtype)
-        else:
-            gate = torch.ones_like(logprobs)
-        per_token = per_token + beta * gate * reverse_kl
+        gate = positive if config.gate == "positive_advantage" else torch.ones_like(logprobs)
+        # the authors' code clamps each token's KL (no gradient above the clamp)
+        kl = reverse_kl if config.opd_kl_clamp is None else reverse_kl.clamp(max=config.opd_kl_clamp)
+        per_token = per_token + beta * (gate if gated_scale is None else gated_scale) * kl
 
     penalty = None
     if config.anchor != "none" and config.alpha > 0:
@@ -118,7 +141,11 @@ def token_terms(
             raise ValueError(f"ref_logprobs is required by the {config.anchor} anchor")
         penalty = anchor_penalty(logprobs, ref_logprobs, config.anchor)
         per_token = per_token + config.alpha * penalty
-    return TokenTerms(per_token, outcome, beta, gate, penalty)
+    if config.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError(f"entropy is required by the entropy bonus (algorithm.entropy_coef={config.entropy_coef})")
+        per_token = per_token - config.entropy_coef * entropy
+    return TokenTerms(per_token, outcome, beta, gate, penalty, tis_weight)
 
 
 def sdpg_loss(
@@ -136,12 +163,15 @@ def sdpg_loss(
     entropy: torch.Tensor | None = None,
     num_tokens: torch.Tensor | float | None = None,
     reverse_kl_mask: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    gated_token_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SDPG loss and detached metrics.
 
     Args:
         logprobs: [T] log π_θ(y_t), differentiable.
-        old_logprobs: [T] log π_old(y_t) (rollout policy).
+        old_logprobs: [T] log π_old(y_t): the trainer's recomputation before the step's
+            updates, or the engine's sampling log-probs (algorithm.old_logprobs).
         advantages: [T] per-token advantage (A_i broadcast over response i).
         mask: [T] 1 for response tokens, 0 for prompt/padding slots.
         step: rollout step k (1-based); total_steps: T.
@@ -150,11 +180,15 @@ def sdpg_loss(
             when β(k) > 0.
         ref_logprobs: [T] log π_ref(y_t); required when the anchor is on.
         teacher_logprobs: [T] log q(y_t); required for RLSD reweighting.
-        entropy: [T] per-token entropy, only reported.
+        entropy: [T] per-token entropy H(p), differentiable; reported, and in the loss
+            when algorithm.entropy_coef > 0.
         num_tokens: Σ_i |y_i| over the whole mini-batch; defaults to mask.sum().
         reverse_kl_mask: [T] bool, the tokens whose reverse_kl was computed when the teacher
             ran for some samples only (`teacher_sample_mask`; the others hold zeros and are
             gated off). opd_kl is then the mean over these; None: every token.
+        rollout_logprobs: [T] the engine's sampling log-probs, for algorithm.tis_cap.
+        gated_token_scale: (all tokens) / (gated tokens) of the mini-batch, for
+            algorithm.loss_tokens="gated".
 
     Returns:
         (loss, metrics): scalar loss already divided by num_tokens; metrics are detached
@@ -171,7 +205,10 @@ def sdpg_loss(
     terms = token_terms(
         logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, step=step, total_steps=total_steps,
         config=config, reverse_kl=reverse_kl, ref_logprobs=ref_logprobs, teacher_logprobs=teacher_logprobs,
+        entropy=entropy, rollout_logprobs=rollout_logprobs, gated_token_scale=gated_token_scale,
     )
+    if terms.tis_weight is not None:
+        metrics["tis_weight"] = token_mean(terms.tis_weight)
     if terms.outcome is not None:
         outcome = terms.outcome
         metrics["outcome_loss"] = token_mean(outcome.loss)

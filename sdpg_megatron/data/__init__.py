@@ -1,5 +1,6 @@
 """Problems, prompts and tokenizers: DAPO-Math parquet, the student/teacher templates of
-METHOD.md, a character tokenizer with Qwen3's chat tokens, and a synthetic arithmetic task.
+METHOD.md, the English-rows rule, a character tokenizer with Qwen3's chat tokens, and a
+synthetic arithmetic task.
 """
 
 from sdpg_megatron.data.dapo import (
@@ -10,6 +11,11 @@ from sdpg_megatron.data.dapo import (
     load_dapo_parquet,
     write_dapo_parquet,
 )
+from sdpg_megatron.data.language import (
+    ENGLISH_LETTER_RANGES,
+    first_non_english_letter,
+    is_english,
+)
 from sdpg_megatron.data.synthetic import arithmetic_problems, sft_examples
 from sdpg_megatron.data.templates import (
     EncodedPrompt,
@@ -18,12 +24,14 @@ from sdpg_megatron.data.templates import (
     render_prompt,
     student_content,
     teacher_content,
+    template_supports_thinking,
 )
 from sdpg_megatron.data.tokenizer import CHAT_EOS, build_char_tokenizer
 
 __all__ = [
     "CHAT_EOS",
     "DatasetReport",
+    "ENGLISH_LETTER_RANGES",
     "EncodedPrompt",
     "Problem",
     "PromptSampler",
@@ -32,10 +40,13 @@ __all__ = [
     "build_char_tokenizer",
     "encode_problem",
     "extract_question",
+    "first_non_english_letter",
+    "is_english",
     "load_dapo_parquet",
     "render_prompt",
     "sft_examples",
     "student_content",
     "teacher_content",
+    "template_supports_thinking",
     "write_dapo_parquet",
 ]

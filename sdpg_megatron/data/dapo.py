@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdpg_megatron.data.templates import STUDENT_PREFIX, STUDENT_SUFFIX, student_content
+from sdpg_megatron.fsio import fsync_dir
 
 DAPO_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should "
@@ -257,13 +258,20 @@ class PromptSampler:
         return self._permutations[epoch]
 
     def batch(self, step: int, num_prompts: int) -> list[Problem]:
+        """Problems [step · num_prompts, (step + 1) · num_prompts) of the stream."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        if num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        return self.slice(step * num_prompts, num_prompts)
+
+    def slice(self, start: int, count: int) -> list[Problem]:
+        """Problems [start, start + count) of the stream."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
         num_problems = len(self.problems)
         batch = []
-        for i in range(step * num_prompts, (step + 1) * num_prompts):
+        for i in range(start, start + count):
             epoch, position = divmod(i, num_problems)
             batch.append(self.problems[self._permutation(epoch)[position]])
         return batch
@@ -294,7 +302,9 @@ def write_dapo_parquet(
     style: str = "rule",
     wrap: Literal["boxed", "answer", "none"] = "boxed",
 ) -> None:
-    """Write problems in the DAPO-Math-17k schema, atomically (temp file + os.replace).
+    """Write problems in the DAPO-Math-17k schema, atomically: a temp file in the same
+    directory, fsync, os.replace, fsync of the directory. A reader (or a run interrupted
+    mid-write) sees the old file or the new one, never half of one.
 
     wrap: the user message is the boxed student prompt ("boxed"), DAPO's "Answer:"
     prompt ("answer") or the bare question ("none"); load_dapo_parquet reads all three.
@@ -316,10 +326,16 @@ def write_dapo_parquet(
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                                              suffix=".tmp")
-    os.close(descriptor)
     try:
-        pq.write_table(table, temp_name)
+        # mkstemp makes the file private (0600); a data file other jobs read keeps the
+        # replaced file's mode, or a plain 0644.
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), path.stat().st_mode & 0o777 if path.exists() else 0o644)
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)

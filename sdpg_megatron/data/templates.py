@@ -30,14 +30,14 @@ ANSWER_CONTEXT = (
     "Use this to verify your reasoning, but show your full solution process."
 )
 
-# Line breaks as in METHOD.md's verbatim block.
+# Fig. 4's answer+solution context, character for character: three lines, the first and
+# the last each one line (tests/test_data.py pins it).
 SOLUTION_CONTEXT = (
     "[Hint] The correct answer is {answer}. A common way to solve this is:\n"
     "{solution}\n"
-    "[Instruction] If possible, derive the answer {answer} using an alternative, "
-    "equally rigorous\n"
-    "mathematical approach. If no alternative exists, articulate the standard approach "
-    "with\n"
+    "[Instruction] If possible, derive the answer {answer} using an alternative, equally "
+    "rigorous mathematical approach (e.g., algebraic vs geometric, or different "
+    "substitution). If no alternative exists, articulate the standard approach with "
     "exceptional clarity. Do NOT state that you were given the answer or reference."
 )
 
@@ -60,7 +60,13 @@ def teacher_content(question: str, answer: str, solution: str | None = None) -> 
     return f"{student_content(question)}\n\n{context}"
 
 
-def _template_mentions_thinking(tokenizer: Any) -> bool:
+def template_supports_thinking(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template reads `enable_thinking` (Qwen3's does).
+
+    A plain substring test on the template source: Jinja ignores unknown variables, so a
+    template that never names the flag renders the same with or without it, and passing
+    it there would only hide that the switch has no effect.
+    """
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, Mapping):
         template = " ".join(str(t) for t in template.values())
@@ -80,15 +86,20 @@ def _as_token_ids(encoded: Any) -> list[int]:
     return [int(token_id) for token_id in encoded]
 
 
-def render_prompt(tokenizer: Any, content: str) -> list[int]:
+def render_prompt(tokenizer: Any, content: str, *, enable_thinking: bool) -> list[int]:
     """Token ids of one user message under the chat template, generation prompt appended.
 
-    Thinking is switched off (enable_thinking=False) for templates that know the flag,
-    such as Qwen3's; other templates are called without it.
+    enable_thinking is passed through to templates that know the flag (Qwen3's): True ends
+    the prompt at the assistant header, so the model opens its own <think> block; False
+    makes Qwen3's template append an empty "<think>\n\n</think>\n\n" block, so the model
+    answers directly. Templates that never mention it (the project's character tokenizer)
+    are called without it and render the same prompt for both values. The flag is
+    required, not defaulted: student, teacher and evaluation prompts must agree on it, and
+    a silent default would let one caller drift from the others.
     """
     kwargs: dict[str, Any] = {}
-    if _template_mentions_thinking(tokenizer):
-        kwargs["enable_thinking"] = False
+    if template_supports_thinking(tokenizer):
+        kwargs["enable_thinking"] = bool(enable_thinking)
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}],
         add_generation_prompt=True,
@@ -109,9 +120,13 @@ def encode_problem(
     problem: Problem,
     *,
     max_prompt_tokens: int,
+    enable_thinking: bool,
     privileged: Privileged = "answer",
 ) -> EncodedPrompt:
     """Render both views of one problem.
+
+    enable_thinking: see `render_prompt`; both views use the same value, so the response
+    tokens follow the same assistant prefix in both.
 
     privileged: "answer" (answer-only context), "answer+solution" (falls back to
     "answer" when the problem has no reference solution) or "none" (the teacher sees
@@ -122,13 +137,17 @@ def encode_problem(
     """
     if privileged not in PRIVILEGED_CHOICES:
         raise ValueError(f"privileged={privileged!r}; choose one of {PRIVILEGED_CHOICES}")
-    student_ids = render_prompt(tokenizer, student_content(problem.question))
+    student_ids = render_prompt(
+        tokenizer, student_content(problem.question), enable_thinking=enable_thinking
+    )
     _check_length("student", problem.uid, len(student_ids), max_prompt_tokens)
     if privileged == "none":
         return EncodedPrompt(student_ids=student_ids, teacher_ids=list(student_ids))
     solution = problem.solution if privileged == "answer+solution" else None
     teacher_ids = render_prompt(
-        tokenizer, teacher_content(problem.question, problem.answer, solution)
+        tokenizer,
+        teacher_content(problem.question, problem.answer, solution),
+        enable_thinking=enable_thinking,
     )
     _check_length("teacher", problem.uid, len(teacher_ids), max_prompt_tokens)
     return EncodedPrompt(student_ids=student_ids, teacher_ids=teacher_ids)

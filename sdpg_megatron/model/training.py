@@ -30,8 +30,9 @@ from sdpg_megatron.parallel.groups import ParallelGroups
 class TrainableModel:
     model: DistributedDataParallel  # one chunk (no virtual pipeline stages)
     optimizer: object  # a MegatronOptimizer
-    scheduler: OptimizerParamScheduler  # LR warm-up, stepped once per optimizer step
+    scheduler: OptimizerParamScheduler  # LR warm-up (optimizer.lr_warmup_unit says what it counts)
     config: TransformerConfig
+    lr_warmup_unit: str = "rollout_step"
 
     @property
     def module(self) -> PolicyGPTModel:
@@ -43,6 +44,7 @@ class StepResult:
     losses: list  # what the loss function reported per micro-batch (last stage only)
     grad_norm: float | None
     update_successful: bool  # False: the step was skipped (non-finite gradients)
+    lr: float = 0.0  # the learning rate this update ran at
 
 
 def build_policy(
@@ -83,15 +85,26 @@ def build_policy(
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = model.no_sync
-    # Linear warm-up from 0 to lr over lr_warmup_steps, then constant (METHOD.md).
+    # Linear warm-up from 0 to lr over lr_warmup_steps, then constant (docs/method.md).
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.lr,
         lr_warmup_steps=settings.lr_warmup_steps, lr_decay_steps=settings.lr_warmup_steps + 1,
         lr_decay_style="constant", start_wd=settings.weight_decay, end_wd=settings.weight_decay,
         wd_incr_steps=1, wd_incr_style="constant",
     )
-    scheduler.step(increment=1)  # optimizer step k (1-based) runs at lr · min(1, k / warm-up)
-    return TrainableModel(model=model, optimizer=optimizer, scheduler=scheduler, config=config)
+    if settings.lr_warmup_unit == "optimizer_step":
+        scheduler.step(increment=1)  # optimizer step j (1-based) runs at lr · min(1, j / warm-up)
+    return TrainableModel(model=model, optimizer=optimizer, scheduler=scheduler, config=config,
+                          lr_warmup_unit=settings.lr_warmup_unit)
+
+
+def set_rollout_step(policy: TrainableModel, step: int) -> None:
+    """With the warm-up counted in rollout steps (the authors' scheduler, stepped once per
+    rollout step after its updates), every update of rollout step k runs at
+    lr · min(1, (k − 1) / warm-up): a pure function of k, so a resumed run is exact."""
+    if policy.lr_warmup_unit == "rollout_step":
+        policy.scheduler.num_steps = step - 1
+        policy.scheduler.step(increment=0)
 
 
 def build_frozen(
@@ -144,6 +157,7 @@ def train_step(
     policy.model.zero_grad_buffer()
     policy.optimizer.zero_grad()
     policy.model.train()
+    lr = policy.optimizer.param_groups[0]["lr"]
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=microbatches,
@@ -155,11 +169,11 @@ def train_step(
     )
     if not _gradients_finite(policy.model):
         # NaN/inf anywhere on any rank: nothing is applied, Adam's state is untouched.
-        return StepResult(losses=losses, grad_norm=float("nan"), update_successful=False)
+        return StepResult(losses=losses, grad_norm=float("nan"), update_successful=False, lr=lr)
     update_successful, grad_norm, _ = policy.optimizer.step()
-    if update_successful:
+    if update_successful and policy.lr_warmup_unit == "optimizer_step":
         policy.scheduler.step(increment=1)
-    return StepResult(losses=losses, grad_norm=grad_norm, update_successful=bool(update_successful))
+    return StepResult(losses=losses, grad_norm=grad_norm, update_successful=bool(update_successful), lr=lr)
 
 
 def _gradients_finite(model: DistributedDataParallel) -> bool:
