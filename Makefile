@@ -23,3 +23,11 @@ bench: install
 	$(PYTHON) benchmarks/bench_rollout.py
 	$(PYTHON) benchmarks/bench_recompute.py
 	$(PYTHON) benchmarks/bench_teacher_scope.py
+
+# Pins against the package index's published metadata (tools/check_pins.py; needs the network).
+# `make check-pins CHECK_PINS_FLAGS=--resolve` also runs pip's dry-run resolver over each file.
+CHECK_PINS_FLAGS ?=
+.PHONY: check-pins
+check-pins: install
+	$(PYTHON) tools/check_pins.py requirements/gpu.txt $(CHECK_PINS_FLAGS)
+	$(PYTHON) tools/check_pins.py requirements/cpu.txt --python-version 3.11 --also torch==2.13.0+cpu $(CHECK_PINS_FLAGS)

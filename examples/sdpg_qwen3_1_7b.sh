@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SDPG-URKL on Qwen3-1.7B: the paper's 1.7B setting (METHOD.md: 256 prompts,
+# SDPG-URKL on Qwen3-1.7B: the paper's 1.7B setting (docs/method.md: 256 prompts,
 # mini-batch 32, responses ≤ 2048), Megatron TP2.
 #
 #   bash examples/sdpg_qwen3_1_7b.sh --dry-run   # check config, layout and memory here
@@ -60,7 +60,7 @@ SBATCH_ARGS=()
 # --- the trainer's flags, one group per concern (any config field: --set section.field=value)
 MODEL_ARGS=(--hf-dir "$HF_DIR" --set model.mcore_dir="$MCORE_DIR" --set model.params_dtype=bfloat16)
 PARALLEL_ARGS=(--tp "$TP" --pp "$PP")
-ALGO_ARGS=(--preset sdpg-urkl)                                # METHOD.md: α = β_base = 1e-3, warm-up 50, decay 350
+ALGO_ARGS=(--preset sdpg-urkl)                                # docs/method.md: α = β_base = 1e-3, warm-up 50, decay 350
 SCHEDULE_ARGS=(--steps 400 --seed 0
   --set schedule.prompts_per_step=256 --set algorithm.group_size=8
   --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=4

@@ -6,7 +6,7 @@
 #
 # Five nodes of 8 × 80 GB GPUs: nodes 0–3 train (TP8 inside each node, PP2 over 32
 # layers per stage, DP2), node 4 holds four vLLM engines of TP2 (65.5 GB of bf16 weights
-# per engine, ~33 GB per GPU). METHOD.md's defaults: 128 prompts × 8, 8 mini-batches,
+# per engine, ~33 GB per GPU). docs/method.md's defaults: 128 prompts × 8, 8 mini-batches,
 # prompts ≤ 2048, responses ≤ 4096 tokens; micro-batches of 1 sequence (every
 # micro-batch has the same shape, as the pipeline's send/receive buffers need).
 #
@@ -61,7 +61,7 @@ SBATCH_ARGS=()
 # --- the trainer's flags, one group per concern (any config field: --set section.field=value)
 MODEL_ARGS=(--hf-dir "$HF_DIR" --set model.mcore_dir="$MCORE_DIR" --set model.params_dtype=bfloat16)
 PARALLEL_ARGS=(--tp "$TP" --pp "$PP")
-ALGO_ARGS=(--preset sdpg-urkl)                                # METHOD.md: α = β_base = 1e-3, warm-up 50, decay 350
+ALGO_ARGS=(--preset sdpg-urkl)                                # docs/method.md: α = β_base = 1e-3, warm-up 50, decay 350
 SCHEDULE_ARGS=(--steps 400 --seed 0
   --set schedule.prompts_per_step=128 --set algorithm.group_size=8
   --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=1

@@ -6,7 +6,7 @@
 #
 # Two nodes of 8 × 80 GB GPUs: node 0 trains (TP4 × DP2; TP stays inside the node's
 # NVLink domain), node 1 holds eight vLLM engines (TP1 each; 16 GB of bf16 weights leave
-# ~50 GB of KV cache per GPU). METHOD.md's defaults: 128 prompts × 8, 8 mini-batches,
+# ~50 GB of KV cache per GPU). docs/method.md's defaults: 128 prompts × 8, 8 mini-batches,
 # prompts ≤ 2048, responses ≤ 4096 tokens; micro-batches of 2 sequences.
 #
 # Memory per training GPU, from `--dry-run` (GiB; bf16 weights, fp32 grad buffer, Adam's
@@ -60,7 +60,7 @@ SBATCH_ARGS=()
 # --- the trainer's flags, one group per concern (any config field: --set section.field=value)
 MODEL_ARGS=(--hf-dir "$HF_DIR" --set model.mcore_dir="$MCORE_DIR" --set model.params_dtype=bfloat16)
 PARALLEL_ARGS=(--tp "$TP" --pp "$PP")
-ALGO_ARGS=(--preset sdpg-urkl)                                # METHOD.md: α = β_base = 1e-3, warm-up 50, decay 350
+ALGO_ARGS=(--preset sdpg-urkl)                                # docs/method.md: α = β_base = 1e-3, warm-up 50, decay 350
 SCHEDULE_ARGS=(--steps 400 --seed 0
   --set schedule.prompts_per_step=128 --set algorithm.group_size=8
   --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=2

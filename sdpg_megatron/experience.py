@@ -12,7 +12,7 @@ Token layout of a micro-batch (Megatron's GPT convention, position t predicts to
 
 so `response_states(hidden, response_mask)` selects, in both views, the hidden states that
 predict the response tokens — row for row the same tokens, after prefixes of different
-lengths (METHOD.md, "Data").
+lengths (docs/method.md, "Data").
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def make_step_batch(step: int, samples: list[Sample], group_size: int) -> StepBa
 def minibatch_sample_ids(batch: StepBatch, num_minibatches: int, dp_size: int, dp_rank: int) -> list[list[int]]:
     """For each PPO mini-batch, this data-parallel rank's sample indices.
 
-    Mini-batches are contiguous runs of whole groups (METHOD.md: 16 prompts each); a
+    Mini-batches are contiguous runs of whole groups (docs/method.md: 16 prompts each); a
     mini-batch's samples are dealt to DP ranks in contiguous slices.
     """
     if batch.num_groups % num_minibatches:

@@ -43,6 +43,9 @@ class TinySettings:
     max_sft_steps: int = 1500
     eval_every: int = 100
     target_accuracy: float = 0.35  # stop once greedy accuracy on training problems reaches it
+    # Qwen3's thinking layout: the tokenizer's template gets the enable_thinking switch and
+    # the warm start answers "<think>\n{worked solution}\n</think>\n\n\boxed{answer}".
+    thinking: bool = False
 
 
 def demo_settings(max_sft_steps: int = 400) -> TinySettings:
@@ -74,7 +77,7 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model_dir = out_dir / "model"
-    tokenizer = build_char_tokenizer(model_dir)
+    tokenizer = build_char_tokenizer(model_dir, thinking=settings.thinking)
     problems = arithmetic_problems(
         settings.train_problems + settings.eval_problems, settings.seed,
         max_operand=settings.max_operand, ops=settings.ops,
@@ -90,7 +93,8 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     hf_config = Qwen3Config(**to_hf_config(arch), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = Qwen3ForCausalLM(hf_config).float()
-    examples = [_encode(tokenizer, prompt, target) for prompt, target in sft_examples(train)]
+    examples = [_encode(tokenizer, prompt, _thinking_target(target, answer) if settings.thinking else target)
+                for (prompt, target), answer in zip(sft_examples(train), (p.answer for p in train for _ in range(2)))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     rng = random.Random(settings.seed)
     step = 0
@@ -123,8 +127,12 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     return result
 
 
+def _thinking_target(solution: str, answer: str) -> str:
+    return f"<think>\n{solution}\n</think>\n\n\\boxed{{{answer}}}"
+
+
 def _encode(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
-    prompt_ids = render_prompt(tokenizer, prompt, enable_thinking=False)  # its template has no thinking
+    prompt_ids = render_prompt(tokenizer, prompt, enable_thinking=True)  # the thinking template's own default
     target_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt_ids + target_ids, len(prompt_ids)
 
@@ -141,7 +149,7 @@ def _sft_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch.T
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool, max_new_tokens: int = 40) -> float:
+def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool, max_new_tokens: int = 72) -> float:
     """Exact-match accuracy of greedy answers (the boxed integer)."""
     from sdpg_megatron.data import teacher_content
 
@@ -150,7 +158,7 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool,
     for start in range(0, len(problems), 50):
         chunk = problems[start : start + 50]
         prompts = [render_prompt(tokenizer, teacher_content(p.question, p.answer) if teacher else student_content(p.question),
-                                 enable_thinking=False)
+                                 enable_thinking=True)
                    for p in chunk]
         width = max(map(len, prompts))  # left-pad for generation
         tokens = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
@@ -159,7 +167,7 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for problem, row in zip(chunk, out[:, width:]):
             text = tokenizer.decode(row, skip_special_tokens=True)
-            correct += extract_boxed(text) == problem.answer
+            correct += extract_boxed(text.rpartition("</think>")[2]) == problem.answer
     return correct / max(1, len(problems))
 
 

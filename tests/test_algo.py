@@ -1,4 +1,4 @@
-"""The SDPG math (METHOD.md) against hand-computed values and naive per-token formulas."""
+"""The SDPG math (docs/method.md) against hand-computed values and naive per-token formulas."""
 
 from __future__ import annotations
 

@@ -334,7 +334,7 @@ def test_activations_advice_names_recomputation():
 # --------------------------------------------------------------------------- recommended launches
 
 # name → (overrides, trainer world size, rollout GPUs): the layouts the sbatch scripts use
-# on nodes of 8 × 80 GiB GPUs (METHOD.md defaults; Qwen3-1.7B: 256 prompts, mini-batch 32,
+# on nodes of 8 × 80 GiB GPUs (docs/method.md defaults; Qwen3-1.7B: 256 prompts, mini-batch 32,
 # responses ≤ 2048).
 RECOMMENDED = {
     "qwen3-1.7b": (["parallel.tensor_parallel=2", "schedule.micro_batch_size=4", "schedule.prompts_per_step=256",

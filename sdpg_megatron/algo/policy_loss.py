@@ -1,4 +1,4 @@
-"""The clipped outcome term (METHOD.md, step 2): PPO/DAPO clip-higher with dual clip."""
+"""The clipped outcome term (docs/method.md, step 2): PPO/DAPO clip-higher with dual clip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reference-policy anchor f_K (METHOD.md, step 6) and GRPO's k1 KL in the reward."""
+"""The reference-policy anchor f_K (docs/method.md, step 6) and GRPO's k1 KL in the reward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The warmup–decay distillation weight β(k) (METHOD.md, step 5)."""
+"""The warmup–decay distillation weight β(k) (docs/method.md, step 5)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The SDPG objective for one mini-batch (METHOD.md, "Loss for rollout step k").
+"""The SDPG objective for one mini-batch (docs/method.md, "Loss for rollout step k").
 
     L = (1 / Σ_i |y_i|) · Σ_{i,t} [ ℓ_out + β(k) · m_i · ℓ_OPD + α · f_K ]
 
-Every baseline of METHOD.md's table is an `AlgorithmConfig` setting of this one function:
+Every baseline of docs/method.md's table is an `AlgorithmConfig` setting of this one function:
 GRPO turns OPD and the anchor off (its KL lives in the reward, see
 `kl_penalized_rewards`), RLSD reweights the per-token advantage with the teacher's view of
 the sampled token, OPCD turns the outcome term off and the gate off.

@@ -1,5 +1,5 @@
 """Problems, prompts and tokenizers: DAPO-Math parquet, the student/teacher templates of
-METHOD.md, the English-rows rule, a character tokenizer with Qwen3's chat tokens, and a
+docs/method.md, the English-rows rule, a character tokenizer with Qwen3's chat tokens, and a
 synthetic arithmetic task.
 """
 

@@ -1,4 +1,4 @@
-"""Student and teacher prompts (METHOD.md, "Data") and their chat-template encoding.
+"""Student and teacher prompts (docs/method.md, "Data") and their chat-template encoding.
 
 The student sees only the problem; the teacher sees the same text followed by a blank
 line and the privileged context. Both are rendered with the model's chat template with

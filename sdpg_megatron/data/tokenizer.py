@@ -2,7 +2,7 @@
 
 One token per printable ASCII character (32..126) and "\\n", `<unk>` for anything else,
 plus Qwen3's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as single special tokens and
-Qwen3's chat layout (thinking omitted). Encoding is lossless on printable ASCII with
+Qwen3's chat layout (with `thinking=True` also Qwen3's `enable_thinking` switch). Encoding is lossless on printable ASCII with
 newlines: no normaliser, no BOS, no whitespace handling, a decoder that only concatenates.
 """
 
@@ -29,11 +29,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# The same with Qwen3's thinking switch: thinking is on unless enable_thinking is false, in
+# which case the generation prompt carries an empty think block. The tags are plain
+# characters here (one token each in Qwen3's vocabulary).
+THINKING_CHAT_TEMPLATE = CHAT_TEMPLATE + (
+    "{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+)
+
 
 def build_char_tokenizer(
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None, *, thinking: bool = False,
 ) -> transformers.PreTrainedTokenizerFast:
-    """The character tokenizer (vocab size 100); saved to out_dir when given.
+    """The character tokenizer (vocab size 100); saved to out_dir when given. `thinking`:
+    its chat template has Qwen3's enable_thinking switch.
 
     Ids: 0 `<unk>`, 1..96 the characters, 97..99 the special tokens in SPECIAL_TOKENS order.
     """
@@ -55,7 +64,7 @@ def build_char_tokenizer(
         unk_token=UNK_TOKEN,
         eos_token=CHAT_EOS,
         pad_token=PAD_TOKEN,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
     if out_dir is not None:

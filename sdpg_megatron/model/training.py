@@ -4,7 +4,7 @@
 Losses follow Megatron's per-token convention (`calculate_per_token_loss=True`): a loss
 function returns (Σ per-token loss, number of loss tokens, metrics), and
 `finalize_model_grads` divides the gradients by the token count summed over micro-batches
-and data-parallel ranks — exactly METHOD.md's token-mean over the mini-batch.
+and data-parallel ranks — exactly docs/method.md's token-mean over the mini-batch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Answer extraction, a conservative normal form, and DAPO's overlong penalty.
 
+The final answer is the last `\\boxed{}` in the answer region's last
+`DEFAULT_ANSWER_TAIL_CHARS` characters, as in the authors' scorer (`compute_score_boxed`
+in their verl fork); with thinking on, the answer region is what follows `</think>`.
+
 Everything here runs in the trainer process on untrusted model output, so every function
 is linear in the input length: a hand-written brace scanner instead of a recursive
 regex, and tokenising regexes whose alternatives cannot backtrack into each other.
@@ -11,6 +15,11 @@ from __future__ import annotations
 import re
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+# Qwen3 with enable_thinking=True writes "<think>...</think>" and then the answer.
+THINK_END = "</think>"
+# The authors read the answer from a response's last 500 characters.
+DEFAULT_ANSWER_TAIL_CHARS = 500
 
 # One LaTeX token: a control word, a control symbol (backslash + any one character),
 # a whitespace run, or any other single character.
@@ -29,6 +38,34 @@ _TEXT_COMMANDS = frozenset(
 )
 _RENAMED_TOKENS = {"\\dfrac": "\\frac", "\\tfrac": "\\frac"}
 _INTEGER_WITH_ZERO_FRACTION = re.compile(r"([+-]?\d++)\.0++")
+
+
+def answer_region(
+    response: str, *, thinking: bool, tail_chars: int | None = DEFAULT_ANSWER_TAIL_CHARS
+) -> str | None:
+    """The part of `response` in which the final answer is looked for; None if it has none.
+
+    With `thinking`, only the text after the last `</think>` is the answer: a box inside
+    the reasoning is a draft, not an answer, and a response cut off before `</think>`
+    (no `</think>` at all) never answered — None, which the verifier scores as
+    "unfinished_thinking". Without `thinking` the whole response is the region. Either
+    way only the region's last `tail_chars` characters are returned (None: all of it),
+    so a box must start there to count: the authors' rule, which also keeps an early
+    box in a rambling response from being taken as its answer.
+    """
+    if tail_chars is not None and (
+        isinstance(tail_chars, bool) or not isinstance(tail_chars, int) or tail_chars < 1
+    ):
+        raise ValueError(
+            f"answer tail_chars={tail_chars!r} must be a positive number of characters, or "
+            "None to read the whole answer region"
+        )
+    if thinking:
+        end = response.rfind(THINK_END)
+        if end < 0:
+            return None
+        response = response[end + len(THINK_END) :]
+    return response if tail_chars is None else response[-tail_chars:]
 
 
 def extract_boxed(text: str) -> str | None:

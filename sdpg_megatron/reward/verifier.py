@@ -9,8 +9,15 @@ has not answered within `timeout_s` is killed and replaced, and the answer is re
 as a "timeout". A worker that dies is an "error"; so is an exception raised while
 verifying. Both count as wrong and are reported in `RewardBatch.counts`, never hidden.
 
-Model output is untrusted: the trainer process only runs the linear-time extraction and
-normalisation of `boxed.py`; anything that parses or simplifies runs in a worker.
+Before a worker is asked, each response is judged in the trainer process where that is
+cheap and certain: no answer region ("unfinished_thinking": thinking mode without
+`</think>`), no box in it ("no_answer"), the same normal form as the gold ("correct"), or
+an answer too costly to verify ("refused", see `guard.py`), which would otherwise hold
+its whole batch up to the timeout.
+
+Model output is untrusted: the trainer process only runs the linear-time extraction,
+normalisation and guard of `boxed.py` and `guard.py`; anything that parses or
+simplifies runs in a worker.
 """
 
 from __future__ import annotations
@@ -27,11 +34,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sdpg_megatron.reward.boxed import extract_boxed, normalize_answer, overlong_penalty
+from sdpg_megatron.reward.boxed import (
+    DEFAULT_ANSWER_TAIL_CHARS,
+    answer_region,
+    extract_boxed,
+    normalize_answer,
+    overlong_penalty,
+)
+from sdpg_megatron.reward.guard import answer_too_complex
 
 logger = logging.getLogger(__name__)
 
-VERDICT_STATUSES = ("correct", "wrong", "no_answer", "timeout", "error")
+# Every outcome of scoring one response; all but "correct" count as wrong. "no_answer":
+# no box in the answer region; "unfinished_thinking": thinking mode and no "</think>";
+# "refused": an answer too costly to verify (guard.py); "timeout"/"error": the worker.
+VERDICT_STATUSES = (
+    "correct", "wrong", "no_answer", "unfinished_thinking", "refused", "timeout", "error"
+)
+# "signed": +1 correct, -1 otherwise (the authors'); "binary": 1 / 0.
+REWARD_SCHEMES = ("signed", "binary")
 
 # A spawned worker imports math-verify (sympy, antlr) before it reports ready; that
 # start-up is not charged to any answer's timeout_s, but it is bounded too.
@@ -52,7 +73,34 @@ class Verdict:
             raise ValueError(f"Verdict correct={self.correct} contradicts status={self.status!r}")
 
 
+_CORRECT = Verdict(correct=True, status="correct")
 _NO_ANSWER = Verdict(correct=False, status="no_answer")
+_UNFINISHED_THINKING = Verdict(correct=False, status="unfinished_thinking")
+_REFUSED = Verdict(correct=False, status="refused")
+
+
+def _judge_in_process(
+    response: str, gold_answer: str, *, thinking: bool, answer_tail_chars: int | None
+) -> Verdict | str:
+    """The verdict when it is cheap and certain here, else the prediction for a worker.
+
+    The exact-match fast path comes before the guard: an answer spelled like the gold is
+    correct however costly it would be to verify, and only predictions are guarded.
+    """
+    region = answer_region(response, thinking=thinking, tail_chars=answer_tail_chars)
+    if region is None:
+        return _UNFINISHED_THINKING
+    predicted_answer = extract_boxed(region)
+    if predicted_answer is None or not predicted_answer.strip():
+        return _NO_ANSWER
+    normalized_prediction = normalize_answer(predicted_answer)
+    if normalized_prediction and normalized_prediction == normalize_answer(gold_answer):
+        return _CORRECT
+    reason = answer_too_complex(predicted_answer)
+    if reason is not None:
+        logger.debug("refused prediction %s: %s", _clip(predicted_answer), reason)
+        return _REFUSED
+    return predicted_answer
 
 
 def verify_with_math_verify(gold_answer: str, predicted_answer: str) -> bool:
@@ -195,8 +243,20 @@ class VerifierPool:
         # Started now, so the math-verify imports overlap with the caller's own set-up.
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
-    def score(self, responses: list[str], answers: list[str]) -> list[Verdict]:
-        """One Verdict per (response, gold answer) pair, in order."""
+    def score(
+        self,
+        responses: list[str],
+        answers: list[str],
+        *,
+        thinking: bool = False,
+        answer_tail_chars: int | None = DEFAULT_ANSWER_TAIL_CHARS,
+    ) -> list[Verdict]:
+        """One Verdict per (response, gold answer) pair, in order.
+
+        The prediction is the last box in `answer_region(response, thinking=thinking,
+        tail_chars=answer_tail_chars)`: with `thinking`, after the last `</think>`.
+        """
+        answer_region("", thinking=False, tail_chars=answer_tail_chars)  # validate first
         if len(responses) != len(answers):
             raise ValueError(
                 f"score needs one gold answer per response, got {len(responses)} responses "
@@ -207,15 +267,13 @@ class VerifierPool:
         verdicts: list[Verdict | None] = [None] * len(responses)
         tasks: deque[_Task] = deque()
         for index, (response, gold_answer) in enumerate(zip(responses, answers)):
-            predicted_answer = extract_boxed(response)
-            if predicted_answer is None or not predicted_answer.strip():
-                verdicts[index] = _NO_ANSWER
-                continue
-            normalized_prediction = normalize_answer(predicted_answer)
-            if normalized_prediction and normalized_prediction == normalize_answer(gold_answer):
-                verdicts[index] = Verdict(correct=True, status="correct")
-                continue
-            tasks.append(_Task(index, gold_answer, predicted_answer))
+            judged = _judge_in_process(
+                response, gold_answer, thinking=thinking, answer_tail_chars=answer_tail_chars
+            )
+            if isinstance(judged, Verdict):
+                verdicts[index] = judged
+            else:
+                tasks.append(_Task(index, gold_answer, judged))
         if tasks:
             with self._lock:
                 self._run(tasks, verdicts)
@@ -382,7 +440,7 @@ def _clip(text: str) -> str:
 
 @dataclass
 class RewardBatch:
-    rewards: list[float]  # verifier reward plus the overlong penalty, per response
+    rewards: list[float]  # scheme's reward plus the overlong penalty, per response
     correct: list[bool]
     counts: dict[str, int]  # each verdict status, plus "overlong" and "truncated"
 
@@ -396,8 +454,17 @@ def score_responses(
     max_response_tokens: int,
     overlong_buffer: int | None,
     truncated: list[bool] | None = None,
+    thinking: bool = False,
+    answer_tail_chars: int | None = DEFAULT_ANSWER_TAIL_CHARS,
+    scheme: str = "signed",
 ) -> RewardBatch:
-    """R = 1[correct] (+ overlong_penalty(length) when overlong_buffer is set).
+    """R = (+1 if correct else −1) (+ overlong_penalty(length) when overlong_buffer is set).
+
+    The authors' reward (`compute_score_boxed`): the last `\\boxed{}` in the response's
+    last 500 characters is the prediction, +1 right and −1 otherwise, DAPO's overlong
+    penalty added on top. Every way of being wrong — a wrong answer, none, unfinished
+    thinking, a refused answer, a verifier timeout or error — gets the same −1, so the
+    policy gains nothing by hiding in one of them.
 
     Args:
         responses: decoded response texts (an empty response is scored "no_answer").
@@ -408,11 +475,24 @@ def score_responses(
             turns the penalty off.
         truncated: whether each response hit the length limit; None infers it from
             length >= max_response_tokens.
+        thinking: responses think first (Qwen3's enable_thinking, data.enable_thinking):
+            the answer must follow the last `</think>`; without one the response is
+            "unfinished_thinking". Decode with `</think>` kept (Qwen3's is not a special
+            token, so skip_special_tokens keeps it).
+        answer_tail_chars: the prediction's box must start within the answer region's
+            last this-many characters (reward.answer_tail_chars, the authors' 500); None
+            reads the whole region.
+        scheme: "signed" (+1 / −1, the authors') or "binary" (1 / 0), before the penalty.
 
     Returns:
         RewardBatch whose counts hold every status in VERDICT_STATUSES, "overlong"
         (responses with a negative penalty) and "truncated".
     """
+    if scheme not in REWARD_SCHEMES:
+        raise ValueError(
+            f"reward scheme={scheme!r} is not one of {REWARD_SCHEMES}: use 'signed' for "
+            "+1 / -1 (the authors') or 'binary' for 1 / 0"
+        )
     sizes = {"responses": len(responses), "answers": len(answers), "lengths": len(lengths)}
     if truncated is not None:
         sizes["truncated"] = len(truncated)
@@ -422,13 +502,16 @@ def score_responses(
         overlong_penalty(0, max_response_tokens, overlong_buffer)  # validate before scoring
     if truncated is None:
         truncated = [length >= max_response_tokens for length in lengths]
+    wrong_reward = -1.0 if scheme == "signed" else 0.0
 
-    verdicts = pool.score(responses, answers)
+    verdicts = pool.score(
+        responses, answers, thinking=thinking, answer_tail_chars=answer_tail_chars
+    )
     counts = dict.fromkeys(VERDICT_STATUSES, 0) | {"overlong": 0, "truncated": sum(truncated)}
     rewards = []
     for verdict, length in zip(verdicts, lengths):
         counts[verdict.status] += 1
-        reward = 1.0 if verdict.correct else 0.0
+        reward = 1.0 if verdict.correct else wrong_reward
         if overlong_buffer is not None:
             penalty = overlong_penalty(length, max_response_tokens, overlong_buffer)
             counts["overlong"] += penalty < 0

@@ -34,7 +34,7 @@ class EngineSettings:
 
 @dataclass(kw_only=True)
 class SamplingSettings:
-    """METHOD.md: temperature 1.0, top_p 1, top_k disabled, for training and evaluation."""
+    """docs/method.md: temperature 1.0, top_p 1, top_k disabled, for training and evaluation."""
 
     temperature: float = 1.0
     top_p: float = 1.0
