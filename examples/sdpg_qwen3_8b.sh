@@ -47,7 +47,7 @@ ARCH=qwen3-8b
 # --- where things are
 HF_DIR=${HF_DIR:-$HOME/models/Qwen3-8B}                       # Hugging Face checkpoint (config, tokenizer, weights)
 MCORE_DIR=${MCORE_DIR:-$HOME/models/Qwen3-8B-mcore-tp4}       # converted here on first start
-TRAIN_DATA=${TRAIN_DATA:-$HOME/data/dapo-math-17k.parquet}    # DAPO-Math-17k schema
+TRAIN_DATA=${TRAIN_DATA:-$HOME/data/dapo-math-en.parquet}     # tools/prepare_dapo.py: the unique English DAPO-Math-17k rows
 EVAL_DIR=${EVAL_DIR:-$SDPG_ROOT/data/eval}                    # AIME 2024/2025, AMC 2023
 OUT_DIR=${OUT_DIR:-$SDPG_ROOT/runs/sdpg-qwen3-8b}             # metrics, checkpoints, eval
 

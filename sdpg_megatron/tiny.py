@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -178,10 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sdpg_megatron.tiny", description=main.__doc__)
     parser.add_argument("--out", required=True, help="directory for model/, train.parquet, eval.parquet (reused)")
     parser.add_argument("--sft-steps", type=int, default=400, help="upper bound on warm-start steps")
+    parser.add_argument("--thinking", action="store_true",
+                        help="Qwen3's thinking layout: <think>worked solution</think> then the boxed answer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
-    tiny = make_tiny_policy(args.out, demo_settings(args.sft_steps))
+    tiny = make_tiny_policy(args.out, replace(demo_settings(args.sft_steps), thinking=args.thinking))
     print(f"{tiny.model_dir}: {tiny.sft_steps} warm-start steps, greedy accuracy {tiny.student_accuracy:.2f} "
           f"(held-out {tiny.heldout_accuracy:.2f}, teacher view {tiny.teacher_accuracy:.2f}), {tiny.seconds:.0f} s")
 

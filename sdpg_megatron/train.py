@@ -115,8 +115,9 @@ class Trainer:
         num_minibatches = batch.num_groups * cfg.schedule.minibatches_per_step // cfg.schedule.prompts_per_step
         plan = minibatch_sample_ids(batch, num_minibatches, self.groups.dp_size, self.groups.dp_rank)
         rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float64)
-        zero_advantages = torch.zeros(len(batch.samples))
-        shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, zero_advantages, 0, device) for ids in plan]
+        # the forward-only passes' micro-batches (advantages are not known yet, nor needed)
+        shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, torch.zeros(len(batch.samples)), 0, device)
+                  for ids in plan] if cfg.algorithm.old_logprobs == "recompute" or self.passes.reference is not None else []
         old, mismatch = None, {}
         if cfg.algorithm.old_logprobs == "recompute":  # before any update of this step
             with timer("old_logprobs"):
@@ -143,7 +144,8 @@ class Trainer:
                 results.append(self.passes.train(
                     batch, mbs, step, teacher, None if reference is None else reference[m], first_minibatch=m == 0,
                     old=None if old is None else old[m],
-                    gated_token_scale=_gated_token_scale(batch, advantages, m, num_minibatches)))
+                    gated_token_scale=_gated_token_scale(batch, advantages, m, num_minibatches)
+                    if cfg.algorithm.loss_tokens == "gated" else 1.0))
         with timer("sync"):
             push = self._push_weights()
 

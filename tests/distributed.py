@@ -65,3 +65,10 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0) -> lis
             if process.is_alive():
                 process.kill()
     return [results[rank] for rank in range(world_size)]
+
+
+def last_stage_report(reports: list[dict], key: str) -> dict:
+    """The one rank's `reports[rank][key]` marked "last" (the rank holding the last pipeline
+    stage's per-token results for data-parallel rank 0)."""
+    (report,) = [r[key] for r in reports if r[key]["last"]]
+    return report

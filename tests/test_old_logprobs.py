@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import last_stage_report as _last, run_distributed
 
 VOCAB = 256
 ADVANTAGES = [1.0, -0.5, 0.8, -1.2]
@@ -161,11 +161,6 @@ def _lr_worker(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def reports():
     return run_distributed(_worker, 2, timeout_s=600)
-
-
-def _last(reports, key):
-    (report,) = [r[key] for r in reports if r[key]["last"]]
-    return report
 
 
 @pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2", "tp1pp1"])  # tp1pp1: DP2

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import last_stage_report as _last, run_distributed
 
 VOCAB = 512
 # (advantage, response length) per sample, in micro-batches of 2: all needed; mixed, the
@@ -100,11 +100,6 @@ def _worker(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def reports():
     return run_distributed(_worker, 2, timeout_s=600)
-
-
-def _last(reports, key):
-    (report,) = [r[key] for r in reports if r[key]["last"]]
-    return report
 
 
 @pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2", "tp1pp1"])  # tp1pp1: DP2

@@ -140,8 +140,10 @@ def _scenarios(rank: int, world_size: int, tiny, thinking_tiny, root) -> dict:
         # Resume: straight through 4 steps vs stopped after 2 and resumed by a new Trainer.
         for name, stops in (("straight", [None]), ("resumed", [2, None])):
             for stop in stops:
+                # dynamic sampling: the prompt stream's position travels in the checkpoint
                 config = _config(tiny, "sdpg-urkl", root / name,
-                                 **{"schedule.total_steps": 4, "checkpoint.interval": 2, **EVALUATION})
+                                 **{"schedule.total_steps": 4, "checkpoint.interval": 2, **EVALUATION,
+                                    "schedule.dynamic_sampling": "true", "schedule.max_generation_batches": 2})
                 Trainer(config, groups, fleet=fleet).run(stop_after=stop)
             if rank == 0:
                 report[name] = read_metrics(root / name)

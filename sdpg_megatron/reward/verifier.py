@@ -32,7 +32,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, get_args
+
+from sdpg_megatron.config import RewardScheme
 
 from sdpg_megatron.reward.boxed import (
     DEFAULT_ANSWER_TAIL_CHARS,
@@ -51,8 +53,8 @@ logger = logging.getLogger(__name__)
 VERDICT_STATUSES = (
     "correct", "wrong", "no_answer", "unfinished_thinking", "refused", "timeout", "error"
 )
-# "signed": +1 correct, -1 otherwise (the authors'); "binary": 1 / 0.
-REWARD_SCHEMES = ("signed", "binary")
+# "signed": +1 correct, -1 otherwise (the authors'); "binary": 1 / 0 (config.RewardScheme).
+REWARD_SCHEMES = get_args(RewardScheme)
 
 # A spawned worker imports math-verify (sympy, antlr) before it reports ready; that
 # start-up is not charged to any answer's timeout_s, but it is bounded too.
