@@ -209,7 +209,17 @@ class Trainer:
         if not self.is_driver:
             for _ in buckets:  # non-driver ranks take part in the gathers and sends
                 pass
-        return self._from_driver(lambda: self.driver.fleet.push_weights(buckets, self.driver.fleet.version + 1))
+
+        def push():
+            try:
+                return self.driver.fleet.push_weights(buckets, self.driver.fleet.version + 1)
+            finally:
+                # A failed push leaves the loop early; the other ranks still wait in the bucket
+                # gathers, so finish them (nothing is sent) before the failure is broadcast.
+                for _ in buckets:
+                    pass
+
+        return self._from_driver(push)
 
     def _save(self, step: int) -> None:
         from sdpg_megatron.checkpoint import save_checkpoint

@@ -149,6 +149,10 @@ def _scenarios(rank: int, world_size: int, tiny, thinking_tiny, root) -> dict:
                 report[name] = read_metrics(root / name)
                 report[name + "_checkpoints"] = sorted(p.name for p in (root / name / "checkpoints").iterdir())
                 report[name + "_eval"] = {p.name: json.loads(p.read_text()) for p in (root / name / "eval").iterdir()}
+        # A push that fails midway (the engine killed as the first bucket goes out) at TP2 and PP2:
+        # every rank stops with the driver's message instead of waiting in a bucket gather.
+        for name, (tp, pp) in (("push_failure_tp2", (2, 1)), ("push_failure_pp2", (1, 2))):
+            report[name] = _failed_push(rank, tiny, root / name, fleet, tp, pp)
     finally:
         if fleet is not None:
             import ray
@@ -156,6 +160,49 @@ def _scenarios(rank: int, world_size: int, tiny, thinking_tiny, root) -> dict:
             fleet.shutdown()
             ray.shutdown()
             shutil.rmtree(ray_dir, ignore_errors=True)
+    return report
+
+
+def _failed_push(rank: int, tiny, out_dir, fleet, tp: int, pp: int) -> dict:
+    import time
+
+    from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
+    from sdpg_megatron.rollout.engine import SamplingSettings
+    from sdpg_megatron.train import Trainer
+
+    destroy_parallel()
+    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=0)
+    report, sends, armed = {}, [], []
+    if rank == 0:
+        import ray
+
+        send = fleet._send
+
+        def kill_then_send(bucket, indices):
+            sends.append(bucket.num_bytes)
+            if armed and len(sends) == 1:  # the other ranks go on to gather the next bucket
+                report["killed_at"] = time.time()
+                ray.kill(fleet.engines[0], no_restart=True)
+            send(bucket, indices)
+
+        fleet._send = kill_then_send
+    try:
+        config = _config(tiny, "sdpg-urkl", out_dir, **{"parallel.tensor_parallel": tp,
+                                                        "parallel.pipeline_parallel": pp,
+                                                        "rollout.bucket_bytes": 2**20})
+        trainer = Trainer(config, groups, fleet=fleet)
+        report["buckets"] = len(sends)  # the first push's, which went through
+        sends.clear()
+        armed.append(True)
+        try:
+            trainer.run()
+        except BaseException as error:  # noqa: BLE001 - what each rank stops with is checked
+            report["error"] = f"{type(error).__name__}: {error}"
+            report["stopped_at"] = time.time()
+    finally:
+        if rank == 0:
+            del fleet._send  # the class's own again
+            fleet.generate([[1, 2, 3]], n=1, sampling=SamplingSettings(max_tokens=2))  # restarts the engine
     return report
 
 
@@ -267,3 +314,14 @@ def test_a_driver_failure_stops_every_rank_with_its_reason(reports):
     driver, other = reports[0]["bad_data_error"], reports[1]["bad_data_error"]
     assert driver.startswith("ValueError: data.train_files") and "schedule.prompts_per_step=500" in driver
     assert other.startswith("RuntimeError: the driver (rank 0) failed: ValueError: data.train_files")
+
+
+@pytest.mark.parametrize("layout", ["push_failure_tp2", "push_failure_pp2"])
+def test_a_failed_push_stops_every_rank_within_seconds(reports, layout):
+    driver, other = reports[0][layout], reports[1][layout]
+    assert driver["buckets"] >= 2  # the failure leaves buckets (and their gathers) unsent
+    assert driver["error"].startswith(("EngineFailedError", "RayActorError", "ActorDiedError"))
+    assert other["error"].startswith("RuntimeError: the driver (rank 0) failed: ")
+    assert other["error"].split("failed: ", 1)[1].split(":")[0] == driver["error"].split(":")[0]
+    for report in (driver, other):
+        assert report["stopped_at"] - driver["killed_at"] < 60
