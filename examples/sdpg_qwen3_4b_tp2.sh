@@ -72,6 +72,7 @@ ALGO_ARGS=(--preset sdpg-urkl)                                # α = β_base = 1
 SCHEDULE_ARGS=(--steps 400 --seed 0
   --set schedule.prompts_per_step=128 --set algorithm.group_size=8
   --set schedule.minibatches_per_step=8 --set schedule.micro_batch_size=1
+  --set schedule.max_tokens_per_micro_batch=6144  # dynamic batching: the authors' 6144 tokens per GPU
   --set schedule.dynamic_sampling=true --set schedule.max_generation_batches=10)  # DAPO group filter
 ROLLOUT_ARGS=(--set rollout.num_engines=4 --set rollout.engine_tensor_parallel=1 --set rollout.gpus_per_engine=1
   --set rollout.dtype=bfloat16 --set rollout.kv_cache_bytes=none --set rollout.gpu_memory_utilization=0.85

@@ -99,6 +99,11 @@ class ScheduleConfig:
     prompts_per_step: int = 128
     minibatches_per_step: int = 8  # PPO updates per rollout step (128 / 16 prompts)
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
+    # Dynamic batching: micro-batches cut from length-sorted samples so that rows × own
+    # padded length ≤ this many tokens, each padded only to its own longest row (replaces
+    # micro_batch_size); None: micro_batch_size rows padded to the step's longest sequence.
+    # Pipeline parallelism still needs equal shapes: only with parallel.pipeline_parallel=1.
+    max_tokens_per_micro_batch: int | None = None
     seed: int = 0
     # DAPO dynamic sampling: drop groups whose answers are all right or all wrong and
     # generate more prompts (up to max_generation_batches batches of prompts_per_step)
@@ -525,6 +530,8 @@ def _validate_schedule(c: ScheduleConfig) -> None:
     )
     _require(c.micro_batch_size >= 1, p + "micro_batch_size", "must be >= 1")
     _require(c.max_generation_batches >= 1, p + "max_generation_batches", f"must be >= 1, got {c.max_generation_batches}")
+    _require(c.max_tokens_per_micro_batch is None or c.max_tokens_per_micro_batch >= 8, p + "max_tokens_per_micro_batch",
+             f"must be >= 8 tokens or None (fixed micro_batch_size), got {c.max_tokens_per_micro_batch}")
 
 
 def _validate_optimizer(c: OptimizerConfig) -> None:
@@ -614,6 +621,10 @@ def _validate_logging(c: LoggingConfig) -> None:
 
 def _validate_tree(c: Config) -> None:
     """Checks that span sections."""
+    _require(c.schedule.max_tokens_per_micro_batch is None or c.parallel.pipeline_parallel == 1,
+             "schedule.max_tokens_per_micro_batch",
+             "micro-batches of different lengths need parallel.pipeline_parallel=1 (the pipeline schedule sends "
+             "equal shapes between stages): set it to none, or drop pipeline parallelism")
     if c.reward.overlong_buffer is not None:
         _require(
             c.reward.overlong_buffer <= c.rollout.max_response_tokens, "reward.overlong_buffer",

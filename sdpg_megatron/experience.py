@@ -114,19 +114,67 @@ def minibatch_sample_ids(batch: StepBatch, num_minibatches: int, dp_size: int, d
 
 def micro_batches(
     batch: StepBatch, sample_ids: list[int], micro_batch_size: int, advantages: torch.Tensor, pad_id: int,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", *, max_tokens: int | None = None,
 ) -> list[MicroBatch]:
-    """Pack `sample_ids` into micro-batches of `micro_batch_size` rows (the last may be
-    shorter when the count does not divide), on `device`."""
-    return [
-        _pack(batch, sample_ids[i : i + micro_batch_size], advantages, pad_id).to(device)
-        for i in range(0, len(sample_ids), micro_batch_size)
-    ]
+    """Pack `sample_ids` into micro-batches, on `device`.
+
+    max_tokens None: `micro_batch_size` rows each (the last may be shorter), every one
+    padded to the step's longest sequence (the shape the pipeline schedule needs).
+    max_tokens set (dynamic batching, `schedule.max_tokens_per_micro_batch`): the samples
+    sorted by length and cut by `token_budget_groups`, each micro-batch padded only to its
+    own longest row; rows × padded length stays within the budget (a single longer sample
+    gets a micro-batch of its own). Per-token results keep each micro-batch's own order,
+    so every pass that is given the same arguments sees the same micro-batches."""
+    if max_tokens is None:
+        return [
+            _pack(batch, sample_ids[i : i + micro_batch_size], advantages, pad_id).to(device)
+            for i in range(0, len(sample_ids), micro_batch_size)
+        ]
+    return [_pack(batch, ids, advantages, pad_id, own_length=True).to(device)
+            for ids in token_budget_groups(batch, sample_ids, max_tokens)]
 
 
-def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: int) -> MicroBatch:
+def sequence_lengths(batch: StepBatch, index: int) -> tuple[int, int]:
+    """(student, teacher) lengths of sample `index`, unpadded."""
+    sample = batch.samples[index]
+    return len(sample.student_prompt) + len(sample.response), len(sample.teacher_prompt) + len(sample.response)
+
+
+# A row joins a micro-batch only while padding it to the micro-batch's width wastes at most
+# this fraction of that width, so computed / real tokens stays near 1 + this.
+MAX_ROW_PADDING = 0.1
+
+
+def token_budget_groups(batch: StepBatch, sample_ids: list[int], max_tokens: int, *, sort: bool = True) -> list[list[int]]:
+    """`sample_ids` cut into groups whose rows × padded length (the longer of the two
+    views, rounded up to SEQUENCE_MULTIPLE) is at most `max_tokens` and whose rows are each
+    within MAX_ROW_PADDING of the group's width; with `sort`, longest first, so that rows
+    of similar length share a micro-batch."""
+    def padded(index: int) -> int:
+        return padded_length(max(sequence_lengths(batch, index)))
+
+    order = sorted(sample_ids, key=padded, reverse=True) if sort else list(sample_ids)
+    groups, current, longest = [], [], 0
+    for index in order:
+        width = max(longest, padded(index))
+        too_short = padded(index) < (1 - MAX_ROW_PADDING) * width
+        if current and ((len(current) + 1) * width > max_tokens or too_short):
+            groups.append(current)
+            current, width = [], padded(index)
+        current.append(index)
+        longest = width
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: int, *,
+          own_length: bool = False) -> MicroBatch:
     rows = len(ids)
     S, T = batch.student_length, batch.teacher_length
+    if own_length:  # padded to this micro-batch's longest row only
+        S = padded_length(max(sequence_lengths(batch, i)[0] for i in ids))
+        T = padded_length(max(sequence_lengths(batch, i)[1] for i in ids))
     tokens = torch.full((rows, S), pad_id, dtype=torch.long)
     teacher_tokens = torch.full((rows, T), pad_id, dtype=torch.long)
     mask = torch.zeros(rows, S, dtype=torch.bool)

@@ -116,8 +116,8 @@ class Trainer:
         plan = minibatch_sample_ids(batch, num_minibatches, self.groups.dp_size, self.groups.dp_rank)
         rewards = torch.tensor([s.reward for s in batch.samples], dtype=torch.float64)
         # the forward-only passes' micro-batches (advantages are not known yet, nor needed)
-        shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, torch.zeros(len(batch.samples)), 0, device)
-                  for ids in plan] if cfg.algorithm.old_logprobs == "recompute" or self.passes.reference is not None else []
+        shapes = [micro_batches(batch, ids, cfg.schedule.micro_batch_size, torch.zeros(len(batch.samples)), 0, device,
+                                max_tokens=cfg.schedule.max_tokens_per_micro_batch) for ids in plan] if cfg.algorithm.old_logprobs == "recompute" or self.passes.reference is not None else []
         old, mismatch = None, {}
         if cfg.algorithm.old_logprobs == "recompute":  # before any update of this step
             with timer("old_logprobs"):
@@ -135,7 +135,8 @@ class Trainer:
 
         results = []
         for m, ids in enumerate(plan):
-            mbs = micro_batches(batch, ids, cfg.schedule.micro_batch_size, advantages, 0, device)
+            mbs = micro_batches(batch, ids, cfg.schedule.micro_batch_size, advantages, 0, device,
+                                max_tokens=cfg.schedule.max_tokens_per_micro_batch)
             teacher = None
             if cfg.algorithm.uses_teacher:
                 with timer("teacher"):

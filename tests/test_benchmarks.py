@@ -56,6 +56,16 @@ def test_teacher_scope_benchmark_runs(tmp_path):
     assert first["needed"]["loss"] == pytest.approx(first["all"]["loss"], rel=1e-6)
 
 
+def test_dynamic_batching_benchmark_runs(tmp_path):
+    out = tmp_path / "dynamic_batching.json"
+    result = run_quick("bench_dynamic_batching.py", out, 300)
+    assert "dynamic / padded time:" in result.stdout
+    record = json.loads(out.read_text())
+    assert record["modes"]["dynamic"]["padded_over_real"] < record["modes"]["padded"]["padded_over_real"]
+    first = record["first_step"]
+    assert first["dynamic"]["loss"] == pytest.approx(first["padded"]["loss"], rel=1e-5)
+
+
 def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
     """`benchmarks/gpu/`'s scripts at CPU smoke sizes (their numbers mean nothing here),
     then summarize.py over them and over the committed H100 anatomy figures."""
