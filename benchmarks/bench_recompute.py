@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 
 from bench_train_step import synthetic_batch  # noqa: E402
 
-from sdpg_megatron.config import Config, sdpg_urkl  # noqa: E402
+from sdpg_megatron.config import Config  # noqa: E402
+from sdpg_megatron.presets import sdpg_urkl  # noqa: E402
 from sdpg_megatron.experience import micro_batches  # noqa: E402
 from sdpg_megatron.model.qwen3 import Qwen3Arch, qwen3_tiny  # noqa: E402
 from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel  # noqa: E402

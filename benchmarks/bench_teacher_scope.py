@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 from bench_recompute import bench_arch  # noqa: E402  (the same model as the recomputation benchmark)
 
 from sdpg_megatron.algo import group_relative_advantages, teacher_sample_mask  # noqa: E402
-from sdpg_megatron.config import Config, sdpg_urkl  # noqa: E402
+from sdpg_megatron.config import Config  # noqa: E402
+from sdpg_megatron.presets import sdpg_urkl  # noqa: E402
 from sdpg_megatron.experience import Sample, make_step_batch, micro_batches  # noqa: E402
 from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel  # noqa: E402
 from sdpg_megatron.passes import ModelPasses  # noqa: E402

@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 from sdpg_megatron.algo import current_beta, group_relative_advantages, teacher_sample_mask
-from sdpg_megatron.config import ALGORITHM_PRESETS, Config, apply_overrides, apply_preset, config_from_dict, config_to_dict, validate
+from sdpg_megatron.config import Config, apply_overrides, config_from_dict, config_to_dict, validate
 from sdpg_megatron.driver import Driver, PhaseTimer
+from sdpg_megatron.presets import ALGORITHM_PRESETS, apply_preset
 from sdpg_megatron.experience import StepBatch, micro_batches, minibatch_sample_ids
 from sdpg_megatron.model.training import set_rollout_step
 from sdpg_megatron.parallel.groups import ParallelGroups, destroy_parallel, initialize_parallel

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdpg_megatron import config as cfg
+from sdpg_megatron import presets
 from sdpg_megatron.algo import (
     anchor_penalty,
     clipped_outcome_loss,
@@ -266,10 +267,10 @@ def _naive_loss(batch, config: cfg.AlgorithmConfig, step: int, total_steps: int,
     return total / num_tokens
 
 
-@pytest.mark.parametrize("preset", sorted(cfg.ALGORITHM_PRESETS))
+@pytest.mark.parametrize("preset", sorted(presets.ALGORITHM_PRESETS))
 @pytest.mark.parametrize("step", [1, 10, 30, 120, 399])
 def test_each_preset_reproduces_its_formula(preset, step):
-    config = cfg.algorithm_preset(preset)
+    config = presets.algorithm_preset(preset)
     batch = _batch(seed=step)
     num_tokens = 17.0  # the global count: more tokens than this micro-batch holds
     loss, metrics = sdpg_loss(**batch, step=step, total_steps=400, config=config, num_tokens=num_tokens,
@@ -293,7 +294,7 @@ def test_on_policy_gradient_is_minus_advantage():
 
 
 def test_gate_blocks_distillation_on_non_positive_advantage():
-    config = cfg.sdpg_urkl()
+    config = presets.sdpg_urkl()
     batch = _batch()
     loss, metrics = sdpg_loss(**batch, step=100, total_steps=400, config=config, num_tokens=10.0)
     loss.backward()
@@ -306,7 +307,7 @@ def test_gate_blocks_distillation_on_non_positive_advantage():
 def test_opd_kl_metric_averages_where_the_teacher_ran():
     """With the teacher run only for some tokens (zeros elsewhere), opd_kl is the mean
     over those; the loss and its gradients do not change when the others are gated."""
-    config = cfg.sdpg_urkl()
+    config = presets.sdpg_urkl()
     full = _batch()
     loss_full, metrics_full = sdpg_loss(**full, step=100, total_steps=400, config=config, num_tokens=10.0)
     loss_full.backward()
@@ -341,7 +342,7 @@ def test_opd_kl_metric_averages_where_the_teacher_ran():
 ])
 def test_teacher_sample_mask(preset, step, expected):
     advantages = torch.tensor([1.5, 0.0, -0.7, 0.2, 0.0, -1.0])
-    config = cfg.algorithm_preset(preset)
+    config = presets.algorithm_preset(preset)
     needed = teacher_sample_mask(config, advantages, step, 400)
     assert needed.dtype == torch.bool and needed.shape == advantages.shape
     want = {"positive": advantages > 0, "none": torch.zeros(6, dtype=torch.bool),
@@ -358,7 +359,7 @@ def test_all_equal_groups_are_finite_and_opd_off():
     batch = _batch(num_tokens=8)
     batch["advantages"] = advantages
     batch["mask"] = torch.ones(8, dtype=torch.float64)
-    loss, metrics = sdpg_loss(**batch, step=100, total_steps=400, config=cfg.sdpg_ufkl())
+    loss, metrics = sdpg_loss(**batch, step=100, total_steps=400, config=presets.sdpg_ufkl())
     loss.backward()
     assert torch.isfinite(loss) and metrics["gate_frac"].item() == 0.0
     assert torch.all(batch["reverse_kl"].grad == 0)
@@ -368,22 +369,22 @@ def test_all_equal_groups_are_finite_and_opd_off():
 def test_missing_inputs_are_named():
     batch = _batch()
     with pytest.raises(ValueError, match="reverse_kl"):
-        sdpg_loss(**{**batch, "reverse_kl": None}, step=100, total_steps=400, config=cfg.sdpg_urkl())
+        sdpg_loss(**{**batch, "reverse_kl": None}, step=100, total_steps=400, config=presets.sdpg_urkl())
     with pytest.raises(ValueError, match="ref_logprobs"):
-        sdpg_loss(**{**batch, "ref_logprobs": None}, step=100, total_steps=400, config=cfg.sdpg_urkl())
+        sdpg_loss(**{**batch, "ref_logprobs": None}, step=100, total_steps=400, config=presets.sdpg_urkl())
     with pytest.raises(ValueError, match="teacher_logprobs"):
-        sdpg_loss(**{**batch, "teacher_logprobs": None}, step=1, total_steps=400, config=cfg.rlsd())
+        sdpg_loss(**{**batch, "teacher_logprobs": None}, step=1, total_steps=400, config=presets.rlsd())
 
 
 # --------------------------------------------------------------------------- config
 
 
 def test_presets_by_name_and_validation():
-    assert cfg.algorithm_preset("SDPG_UFKL").anchor == "ufkl"
-    assert not cfg.grpo().uses_teacher and cfg.grpo().uses_reference
-    assert cfg.opcd().uses_teacher and not cfg.opcd().uses_reference
+    assert presets.algorithm_preset("SDPG_UFKL").anchor == "ufkl"
+    assert not presets.grpo().uses_teacher and presets.grpo().uses_reference
+    assert presets.opcd().uses_teacher and not presets.opcd().uses_reference
     with pytest.raises(ValueError, match="unknown"):
-        cfg.algorithm_preset("ppo")
+        presets.algorithm_preset("ppo")
     with pytest.raises(ValueError, match="algorithm.clip_low"):
         cfg.validate(cfg.AlgorithmConfig(clip_low=1.5))
     with pytest.raises(ValueError, match="algorithm.use_outcome"):
@@ -425,7 +426,7 @@ def test_authors_settings_change_the_loss_where_they_should():
     entropic = cfg.AlgorithmConfig(name="x", beta_base=0.5, beta_schedule="constant", gate="none", entropy_coef=0.01)
     masked_entropy = float((batch["entropy"].detach() * batch["mask"]).sum())
     assert loss(base) - loss(entropic) == pytest.approx(0.01 * masked_entropy / 10.0)
-    opsd = cfg.algorithm_preset("opsd")
+    opsd = presets.algorithm_preset("opsd")
     opsd.entropy_coef = 0.0  # the entropy bonus stays a mean over every token
     assert loss(opsd, gated_token_scale=2.0) == pytest.approx(2 * loss(opsd, gated_token_scale=1.0))
     assert loss(opsd) != 0.0
@@ -443,11 +444,11 @@ def test_opsd_advantages_and_truncated_importance_weights():
 
 
 def test_preset_run_settings_apply_outside_the_algorithm_section():
-    config = cfg.apply_preset(cfg.Config(), "opsd")
+    config = presets.apply_preset(cfg.Config(), "opsd")
     assert config.optimizer.lr == 5e-6 and config.reward.overlong_buffer is None
     assert config.algorithm.uses_reference and config.algorithm.uses_teacher
-    rlsd = cfg.apply_preset(cfg.Config(), "rlsd")
+    rlsd = presets.apply_preset(cfg.Config(), "rlsd")
     assert (rlsd.algorithm.clip_low, rlsd.algorithm.clip_high) == (0.2, 0.2) and rlsd.reward.overlong_buffer is None
-    assert cfg.apply_preset(cfg.Config(), "sdpg-urkl").reward.overlong_buffer == 512
+    assert presets.apply_preset(cfg.Config(), "sdpg-urkl").reward.overlong_buffer == 512
     with pytest.raises(ValueError, match="tis_cap"):
         cfg.validate(cfg.AlgorithmConfig(old_logprobs="engine", tis_cap=2.0))

@@ -40,7 +40,8 @@ def _batch():
 
 
 def _passes(groups, optimizer=None, **algorithm):
-    from sdpg_megatron.config import Config, grpo
+    from sdpg_megatron.config import Config
+    from sdpg_megatron.presets import grpo
     from sdpg_megatron.model.qwen3 import qwen3_tiny
     from sdpg_megatron.passes import ModelPasses
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sdpg_megatron import config as cfg
+from sdpg_megatron import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = ROOT / "docs" / "parity.md"
@@ -70,7 +71,7 @@ def test_4b_script_resolves_to_the_parity_table():
 
 @pytest.mark.parametrize("preset", ["grpo", "rlsd", "opsd"])
 def test_baseline_presets_resolve_to_the_parity_table(preset):
-    resolved = cfg.apply_preset(cfg.Config(), preset)
+    resolved = presets.apply_preset(cfg.Config(), preset)
     mismatches = [f"{s}.{f}: preset {getattr(getattr(resolved, s), f)!r}, docs/parity.md {text!r}"
                   for s, f, text in _claims()["preset", preset]
                   if getattr(getattr(resolved, s), f) != _documented(s, f, text)]
@@ -79,7 +80,7 @@ def test_baseline_presets_resolve_to_the_parity_table(preset):
 
 def test_a_drifted_value_is_caught(tmp_path):
     """The comparison is not vacuous: a changed setting no longer matches its row."""
-    resolved = cfg.apply_preset(cfg.Config(), "sdpg-urkl")
+    resolved = presets.apply_preset(cfg.Config(), "sdpg-urkl")
     resolved.optimizer.lr_warmup_unit = "optimizer_step"
     rows = dict(((s, f), t) for s, f, t in _claims()["script", "examples/sdpg_qwen3_4b_tp2.sh"])
     assert resolved.optimizer.lr_warmup_unit != _documented("optimizer", "lr_warmup_unit",

@@ -38,7 +38,8 @@ def _batch():
 
 def _step(tp: int, pp: int, scope: str, mode: str = "stats") -> dict:
     from sdpg_megatron.algo import teacher_sample_mask
-    from sdpg_megatron.config import Config, sdpg_urkl
+    from sdpg_megatron.config import Config
+    from sdpg_megatron.presets import sdpg_urkl
     from sdpg_megatron.experience import micro_batches
     from sdpg_megatron.model.qwen3 import qwen3_tiny
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel

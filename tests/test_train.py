@@ -71,7 +71,8 @@ THINKING = {"data.enable_thinking": "true", "schedule.dynamic_sampling": "true",
 
 
 def _config(tiny, preset: str, out_dir, **extra):
-    from sdpg_megatron.config import Config, apply_overrides, apply_preset
+    from sdpg_megatron.config import Config, apply_overrides
+    from sdpg_megatron.presets import apply_preset
 
     config = apply_preset(Config(), preset)
     overrides = {

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sdpg_megatron.algo import teacher_sample_mask  # noqa: E402
-from sdpg_megatron.config import Config, sdpg_urkl  # noqa: E402
+from sdpg_megatron.config import Config  # noqa: E402
+from sdpg_megatron.presets import sdpg_urkl  # noqa: E402
 from sdpg_megatron.experience import Sample, make_step_batch, micro_batches  # noqa: E402
 from sdpg_megatron.model.qwen3 import qwen3_preset  # noqa: E402
 from sdpg_megatron.parallel import TokenStats  # noqa: E402
