@@ -145,26 +145,20 @@ def sequence_lengths(batch: StepBatch, index: int) -> tuple[int, int]:
 MAX_ROW_PADDING = 0.1
 
 
-def token_budget_groups(batch: StepBatch, sample_ids: list[int], max_tokens: int, *, sort: bool = True) -> list[list[int]]:
-    """`sample_ids` cut into groups whose rows × padded length (the longer of the two
+def token_budget_groups(batch: StepBatch, sample_ids: list[int], max_tokens: int) -> list[list[int]]:
+    """`sample_ids` sorted longest first (so that rows of similar length share a
+    micro-batch) and cut into groups whose rows × padded length (the longer of the two
     views, rounded up to SEQUENCE_MULTIPLE) is at most `max_tokens` and whose rows are each
-    within MAX_ROW_PADDING of the group's width; with `sort`, longest first, so that rows
-    of similar length share a micro-batch."""
-    def padded(index: int) -> int:
-        return padded_length(max(sequence_lengths(batch, index)))
-
-    order = sorted(sample_ids, key=padded, reverse=True) if sort else list(sample_ids)
-    groups, current, longest = [], [], 0
-    for index in order:
-        width = max(longest, padded(index))
-        too_short = padded(index) < (1 - MAX_ROW_PADDING) * width
-        if current and ((len(current) + 1) * width > max_tokens or too_short):
-            groups.append(current)
-            current, width = [], padded(index)
-        current.append(index)
-        longest = width
-    if current:
-        groups.append(current)
+    within MAX_ROW_PADDING of the group's width (its first row's)."""
+    widths = {i: padded_length(max(sequence_lengths(batch, i))) for i in sample_ids}
+    groups: list[list[int]] = []
+    for index in sorted(sample_ids, key=widths.__getitem__, reverse=True):
+        if groups:
+            group, width = groups[-1], widths[groups[-1][0]]
+            if (len(group) + 1) * width <= max_tokens and widths[index] >= (1 - MAX_ROW_PADDING) * width:
+                group.append(index)
+                continue
+        groups.append([index])
     return groups
 
 

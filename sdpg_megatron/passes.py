@@ -167,7 +167,7 @@ class ModelPasses:
             raise ValueError("RLSD and OPSD weight every token by log q(y_t): the teacher must run on every sample")
         ids = [i for i in order if needed[i]]
         rows_per_mb = mbs[0].tokens.shape[0]
-        outputs, teacher_order = [], []
+        outputs = []
         if ids:
             # the pipeline schedule sends [s, micro-batch, H] between stages: with PP every
             # micro-batch is full, so the last is topped up with repeats (their rows dropped)
@@ -176,15 +176,14 @@ class ModelPasses:
             teacher_mbs = micro_batches(batch, ids + ids[-1:] * filler, rows_per_mb, torch.zeros(len(batch.samples)),
                                         0, device=mbs[0].tokens.device, max_tokens=budget)
             outputs = self._forward_only(model, batch, teacher_mbs, "teacher", collect)
-            # the teacher micro-batches' own sample order (sorted by length under dynamic batching)
-            teacher_order = [int(i) for tmb in teacher_mbs for i in tmb.sample_ids.cpu().unique_consecutive()]
         if not self.groups.is_last_stage:
             return []
-        start, offset = {}, 0  # each needed sample's first row in `states` (PP's filler repeats come last)
-        for i in teacher_order:
-            if i not in start:
-                start[i] = offset
-                offset += len(batch.samples[i].response)
+        # each needed sample's first row in `states`: the teacher micro-batches keep the order
+        # of `ids` (under dynamic batching `ids` is already length-sorted, and the sort is stable)
+        start, offset = {}, 0
+        for i in ids:
+            start[i] = offset
+            offset += len(batch.samples[i].response)
         states = torch.cat([s for s, _ in outputs])[:offset] if outputs else None
         result = []
         for mb in mbs:
