@@ -24,6 +24,7 @@ bench: install
 	$(PYTHON) benchmarks/bench_recompute.py
 	$(PYTHON) benchmarks/bench_teacher_scope.py
 	$(PYTHON) benchmarks/bench_dynamic_batching.py
+	$(PYTHON) benchmarks/bench_overlap.py
 
 # Pins against the package index's published metadata (tools/check_pins.py; needs the network).
 # `make check-pins CHECK_PINS_FLAGS=--resolve` also runs pip's dry-run resolver over each file.

@@ -14,7 +14,12 @@ the limit, 20 % at the limit. Reported per mode: computed tokens (rows × padded
 each micro-batch) over real tokens, and the median time of the timed steps; the modes take
 turns. Both modes' first steps must give the same loss and gradient norm.
 
-    .venv/bin/python benchmarks/bench_dynamic_batching.py            # about 12 minutes on 2 cores
+Then the same two modes' first step at pipeline parallelism 2 (two spawned gloo ranks, one
+thread each, so its times compare only with each other): the micro-batches are the same,
+now run through the pipeline schedule with shapes exchanged between the stages; again both
+modes must give the same loss and gradient norm.
+
+    .venv/bin/python benchmarks/bench_dynamic_batching.py            # 12 minutes on 2 cores, plus the PP2 case (not timed yet)
     .venv/bin/python benchmarks/bench_dynamic_batching.py --quick    # tiny shape, seconds
 
 Writes benchmarks/results/dynamic_batching_cpu.json (or --out).
@@ -27,6 +32,7 @@ import datetime
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 import time
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -70,13 +77,28 @@ def step_batch(vocab: int, samples: int, prompt: int, limit: int):
     return batch, group_relative_advantages(rewards, 8, 1e-6).float()
 
 
-def build(arch) -> ModelPasses:
+def shapes(quick: bool) -> tuple[int, int, int, int]:
+    """(samples, prompt tokens, response limit, padded micro-batch rows)."""
+    return (16, 8, 96, 4) if quick else (64, 32, 768, 4)
+
+
+def modes_of(batch, advantages, quick: bool) -> tuple[dict, int]:
+    """{"padded": micro-batches, "dynamic": micro-batches}, and the token budget."""
+    samples, prompt, limit, rows = shapes(quick)
+    budget = rows * (prompt + limit)  # the padded mode's micro-batch, in tokens
+    ids = list(range(samples))
+    return {"padded": micro_batches(batch, ids, rows, advantages, 0),
+            "dynamic": micro_batches(batch, ids, rows, advantages, 0, max_tokens=budget)}, budget
+
+
+def build(arch, max_tokens: int | None, pipeline_parallel: int = 1) -> ModelPasses:
     # Megatron's parallel state and RNG tracker afresh: the same random initialisation each time
-    groups = initialize_parallel(tensor_parallel=1, pipeline_parallel=1, seed=0)
+    groups = initialize_parallel(tensor_parallel=1, pipeline_parallel=pipeline_parallel, seed=0)
     config = Config()
     config.algorithm = sdpg_urkl()
     config.algorithm.beta_base, config.algorithm.anchor, config.algorithm.alpha = 0.0, "none", 0.0
     config.model.loss_backend = "torch"
+    config.schedule.max_tokens_per_micro_batch = max_tokens  # the pipeline stages then exchange shapes
     return ModelPasses(config, groups, None, arch=arch)
 
 
@@ -87,6 +109,33 @@ def one_step(passes: ModelPasses, batch, mbs, step: int) -> dict:
     if not result.update_successful:
         raise RuntimeError(f"step {step} was skipped (non-finite gradients)")
     return {"train_s": seconds, "grad_norm": float(result.grad_norm), "loss": sum(float(r["loss"]) for r in result.losses)}
+
+
+def pipeline_worker(rank: int, port: int, quick: bool, queue) -> None:
+    """One of the PP2 case's two ranks: each mode's first step; the last stage reports."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    arch = bench_arch(quick)
+    samples, prompt, limit, _ = shapes(quick)
+    batch, advantages = step_batch(arch.vocab_size, samples, prompt, limit)
+    modes, budget = modes_of(batch, advantages, quick)
+    results = {}
+    for mode, mbs in modes.items():
+        passes = build(arch, budget if mode == "dynamic" else None, pipeline_parallel=2)
+        results[mode] = one_step(passes, batch, mbs, 1)
+        destroy_parallel()
+    if rank == 1:
+        queue.put(results)
+    dist.destroy_process_group()
+
+
+def pipeline_case(quick: bool) -> dict:
+    with socket.socket() as sock:  # a free port for the two ranks' own process group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(pipeline_worker, args=(port, quick, queue), nprocs=2, join=True)
+    return queue.get()
 
 
 def main() -> None:
@@ -101,18 +150,15 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29537")
     dist.init_process_group("gloo", rank=0, world_size=1)
     arch = bench_arch(args.quick)
-    samples, prompt, limit, rows = (16, 8, 96, 4) if args.quick else (64, 32, 768, 4)
+    samples, prompt, limit, rows = shapes(args.quick)
     batch, advantages = step_batch(arch.vocab_size, samples, prompt, limit)
-    budget = rows * (prompt + limit)  # the padded mode's micro-batch, in tokens
-    ids = list(range(samples))
-    modes = {"padded": micro_batches(batch, ids, rows, advantages, 0),
-             "dynamic": micro_batches(batch, ids, rows, advantages, 0, max_tokens=budget)}
-    real = sum(sequence_lengths(batch, i)[0] for i in ids)
+    modes, budget = modes_of(batch, advantages, args.quick)
+    real = sum(sequence_lengths(batch, i)[0] for i in range(samples))
 
     first, runs = {}, {mode: [] for mode in modes}
     for _ in range(2):
         for mode, mbs in modes.items():
-            passes = build(arch)
+            passes = build(arch, budget if mode == "dynamic" else None)
             first[mode] = one_step(passes, batch, mbs, 1)
             runs[mode] += [one_step(passes, batch, mbs, 2 + k) for k in range(args.repeats)]
             destroy_parallel()
@@ -138,12 +184,22 @@ def main() -> None:
     for mode, r in report["modes"].items():
         print(f"| {mode} | {r['micro_batches']} | {r['padded_over_real']:.2f} | {r['train_s']:.3f} |")
     print(f"dynamic / padded time: {report['dynamic_over_padded_time']:.2f}")
+    dist.destroy_process_group()
+
+    pipeline = pipeline_case(args.quick)
+    report["pipeline_parallel_2"] = {mode: {**pipeline[mode], **{k: report["modes"][mode][k] for k in (
+        "micro_batches", "computed_tokens", "padded_over_real")}} for mode in modes}
+    print("\nPP2 (2 ranks, 1 thread each), first step:")
+    print("| mode | micro-batches | computed / real tokens | train pass s |")
+    print("|---|---|---|---|")
+    for mode, r in report["pipeline_parallel_2"].items():
+        print(f"| {mode} | {r['micro_batches']} | {r['padded_over_real']:.2f} | {r['train_s']:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    dist.destroy_process_group()
-    a, b = first["padded"], first["dynamic"]
-    if abs(a["loss"] - b["loss"]) > 1e-5 * abs(a["loss"]) or abs(a["grad_norm"] / b["grad_norm"] - 1) > 1e-5:
-        raise SystemExit(f"dynamic batching changed the step: padded {a}, dynamic {b}")
+    for layout, steps in (("PP1", first), ("PP2", pipeline)):
+        a, b = steps["padded"], steps["dynamic"]
+        if abs(a["loss"] - b["loss"]) > 1e-5 * abs(a["loss"]) or abs(a["grad_norm"] / b["grad_norm"] - 1) > 1e-5:
+            raise SystemExit(f"dynamic batching changed the step at {layout}: padded {a}, dynamic {b}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 For each model size (random-weight Qwen3 shapes, tiny up to ~100M parameters, fp32) one
 engine is started in a Ray fleet, and in the same run:
 
-- push: `RolloutFleet.push_weights` of the whole model in 64 MiB buckets (vLLM's
-  weight-transfer API with the "sdpg" engine: metadata by RPC, bytes by gloo broadcast,
-  validate and stage in the engine worker, commit through vLLM's in-place
-  `reload_weights`), as a ratio to a plain in-process copy of the same bytes; plus the
-  split of one push into its phases (start, send, commit);
+- push: the whole model from the trainer's tensors to a committed version, in 64 MiB
+  buckets, as a ratio to a plain in-process copy of the same bytes, for both wires: the
+  same-node one (`weight_transport=auto` → shm: the buckets are written once into the
+  fleet's /dev/shm buffers, the worker reads them in place) and gloo (buckets packed into
+  fresh tensors, broadcast over TCP into the worker). Either way the worker validates and
+  stages, and commits with the model's in-place `load_weights` plus the CPU repack. Phases
+  per push: write (packing the buckets), start, send, commit (of which: the in-place load
+  and the CPU repack, timed in the worker); the fastest of 5 pushes;
 - throughput: generated tokens/s through `fleet.generate` against one bare `vllm.LLM` with
   the same settings and exactly the fleet's requests (one seeded
   single-sample request per response) in its own process; both stay alive, and after a
@@ -43,6 +46,8 @@ SIZES = {  # name: (hidden, ffn, layers, heads, kv heads, vocab)
 }
 NUM_PROMPTS, N, MAX_TOKENS, PROMPT_LEN = 32, 4, 64, 16
 NUM_PAIRS = 9  # timed fleet/bare batch pairs per size, after one untimed warm-up pair each
+NUM_PUSHES = 5  # per wire and size; the fastest counts (the first two touch fresh pages)
+PHASES = ("write_s", "start_s", "send_s", "commit_s", "commit_load_s", "commit_repack_s")
 
 BARE = r"""
 import sys, time
@@ -132,15 +137,29 @@ def in_process_copy_seconds(tensors: dict) -> float:
     return best
 
 
+def fastest_push(fleet, tensors: dict) -> dict:
+    """The fastest of NUM_PUSHES pushes of `tensors`, timed from packing to commit."""
+    from sdpg_megatron.rollout.buckets import pack_buckets
+
+    pushes = []
+    for _ in range(NUM_PUSHES):
+        start = time.perf_counter()
+        buckets = list(pack_buckets(tensors.items(), 64 * 2**20, fleet.bucket_allocator()))
+        written = time.perf_counter()
+        stats = fleet.push_weights(buckets, version=fleet.version + 1)
+        pushes.append(dict(stats, write_s=written - start, wall_s=time.perf_counter() - start))
+    return min(pushes, key=lambda p: p["wall_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="only these sizes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rollout_cpu.json")
     args = parser.parse_args()
 
     import ray
 
-    from sdpg_megatron.rollout.buckets import pack_buckets
     from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings
     from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
 
@@ -150,22 +169,22 @@ def main() -> None:
     prompts = [[(7 * i + j) % 1000 + 3 for j in range(PROMPT_LEN)] for i in range(NUM_PROMPTS)]
     kv_bytes = 256 * 2**20
     rows = []
-    for size in (["4M"] if args.quick else list(SIZES)):
+    for size in args.sizes or (["4M"] if args.quick else list(SIZES)):
         model_dir = run_dir / f"model-{size}"
         arch, tensors = make_model(size, model_dir)
         num_params = sum(t.numel() for t in tensors.values())
         num_bytes = 4 * num_params
         copy_s = in_process_copy_seconds(tensors)
 
-        fleet = RolloutFleet(FleetSettings(num_engines=1, cpus_per_engine=1, engine=EngineSettings(
-            model_dir=str(model_dir), kv_cache_bytes=kv_bytes, max_model_len=512, max_num_seqs=128)))
-        pushes = []
-        for _ in range(3):
-            buckets = list(pack_buckets(tensors.items(), 64 * 2**20))
-            start = time.perf_counter()
-            stats = fleet.push_weights(buckets, version=fleet.version + 1)
-            pushes.append(dict(stats, wall_s=time.perf_counter() - start))
-        fastest = min(pushes, key=lambda p: p["wall_s"])
+        engine = EngineSettings(model_dir=str(model_dir), kv_cache_bytes=kv_bytes, max_model_len=512, max_num_seqs=128)
+        gloo = RolloutFleet(FleetSettings(name="sdpg-gloo", num_engines=1, cpus_per_engine=1, engine=engine,
+                                          weight_transport="gloo"))
+        gloo_push = fastest_push(gloo, tensors)
+        gloo.shutdown()
+        time.sleep(2)
+        fleet = RolloutFleet(FleetSettings(num_engines=1, cpus_per_engine=1, engine=engine))
+        assert fleet.transports == ["shm"], fleet.transports
+        fastest = fastest_push(fleet, tensors)
         push_s = fastest["wall_s"]
 
         # Both engines stay alive and batches alternate, so drift on the shared cores hits
@@ -199,7 +218,9 @@ def main() -> None:
         row = {
             "size": size, "parameters": num_params, "bytes": num_bytes,
             "push_s": push_s, "copy_s": copy_s, "push_over_copy": push_s / copy_s,
-            "push_phases_s": {k: fastest[k] for k in ("start_s", "send_s", "commit_s")},
+            "push_phases_s": {k: fastest[k] for k in PHASES},
+            "gloo_push_s": gloo_push["wall_s"], "gloo_push_over_copy": gloo_push["wall_s"] / copy_s,
+            "gloo_push_phases_s": {k: gloo_push[k] for k in PHASES},
             "fleet_tokens_per_s": statistics.median(fleet_rates), "bare_tokens_per_s": statistics.median(bare_rates),
             "fleet_rates": fleet_rates, "bare_rates": bare_rates,
             "fleet_call_latency_s": fleet_latency, "bare_call_latency_s": bare_latency,
@@ -208,19 +229,21 @@ def main() -> None:
         # shared cores cancels within a pair
         row["fleet_overhead"] = 1 - statistics.median(f / b for f, b in zip(fleet_rates, bare_rates))
         rows.append(row)
-        print(f"{size}: {num_params / 1e6:.1f}M params, push {push_s:.3f} s vs copy {copy_s:.4f} s "
-              f"({row['push_over_copy']:.0f}x; start/send/commit {fastest['start_s']:.3f}/{fastest['send_s']:.3f}/"
-              f"{fastest['commit_s']:.3f} s); fleet {row['fleet_tokens_per_s']:.0f} tok/s vs bare "
+        print(f"{size}: {num_params / 1e6:.1f}M params, shm push {push_s:.3f} s vs copy {copy_s:.4f} s "
+              f"({row['push_over_copy']:.1f}x; write/start/send/commit "
+              f"{'/'.join(f'{fastest[k]:.3f}' for k in PHASES)} s); gloo push {gloo_push['wall_s']:.3f} s "
+              f"({row['gloo_push_over_copy']:.1f}x; {'/'.join(f'{gloo_push[k]:.3f}' for k in PHASES)} s); fleet {row['fleet_tokens_per_s']:.0f} tok/s vs bare "
               f"{row['bare_tokens_per_s']:.0f} tok/s (overhead {100 * row['fleet_overhead']:+.1f}%); 1-token call "
               f"{1000 * fleet_latency:.1f} ms vs {1000 * bare_latency:.1f} ms", flush=True)
     ray.shutdown()
     shutil.rmtree(run_dir, ignore_errors=True)
 
-    print(f"\n{'model':>6s} {'params':>8s} {'push':>9s} {'copy':>9s} {'push/copy':>10s} {'fleet tok/s':>12s} "
-          f"{'bare tok/s':>11s} {'overhead':>9s} {'call fleet/bare':>16s}")
+    print(f"\n{'model':>6s} {'params':>8s} {'shm push':>9s} {'gloo push':>10s} {'copy':>9s} {'shm/copy':>9s} "
+          f"{'gloo/copy':>10s} {'fleet tok/s':>12s} {'bare tok/s':>11s} {'overhead':>9s} {'call fleet/bare':>16s}")
     for row in rows:
-        print(f"{row['size']:>6s} {row['parameters'] / 1e6:7.1f}M {row['push_s']:8.3f}s {row['copy_s']:8.4f}s "
-              f"{row['push_over_copy']:9.0f}x {row['fleet_tokens_per_s']:12.0f} {row['bare_tokens_per_s']:11.0f} "
+        print(f"{row['size']:>6s} {row['parameters'] / 1e6:7.1f}M {row['push_s']:8.3f}s {row['gloo_push_s']:9.3f}s "
+              f"{row['copy_s']:8.4f}s {row['push_over_copy']:8.1f}x {row['gloo_push_over_copy']:9.1f}x "
+              f"{row['fleet_tokens_per_s']:12.0f} {row['bare_tokens_per_s']:11.0f} "
               f"{100 * row['fleet_overhead']:+8.1f}% {1000 * row['fleet_call_latency_s']:7.1f}/{1000 * row['bare_call_latency_s']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "num_prompts": NUM_PROMPTS, "n": N, "max_tokens": MAX_TOKENS,

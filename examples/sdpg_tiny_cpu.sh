@@ -30,7 +30,7 @@ TRAIN_DATA=${TRAIN_DATA:-$TINY_DIR/train.parquet}
 OUT_DIR=${OUT_DIR:-$SDPG_ROOT/runs/sdpg-tiny-cpu}
 STEPS=${STEPS:-40}
 CHECKPOINT_INTERVAL=${CHECKPOINT_INTERVAL:-10}
-PREPARE=("${PYTHON:-python}" -m sdpg_megatron.tiny --out "$TINY_DIR" --sft-steps "${SFT_STEPS:-400}")
+PREPARE=(-m sdpg_megatron.tiny --out "$TINY_DIR" --sft-steps "${SFT_STEPS:-400}")  # run by the job's $PYTHON
 
 # --- the job's share: 2 trainer ranks (CPU), 1 CPU for the engine
 TRAIN_NODES=1 TRAIN_GPUS_PER_NODE=2                           # ranks per node (gloo on a CPU-only job)

@@ -5,6 +5,8 @@ distributed checkpoint (torch_dist: `metadata.json`, `common.pt`, `*.distcp`) of
 sharded state dict Megatron-LM writes — {"model", "optimizer", "scheduler"} — plus:
 
     trainer_state.json   the trainer's JSON-serialisable state (rank 0)
+    driver_state.pt      optional, rank 0: what is not JSON (rollout.mode=one_step_off: the
+                         next step's batch, generated ahead), torch.save of plain containers
     layout.json          world size, TP/PP/DP sizes and optimizer kind it was written at
     rng/rank_{r}.pt      python / numpy / torch CPU / torch CUDA / Megatron tracker states
     COMPLETE             written last, by rank 0, once every rank has finished
@@ -56,6 +58,7 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "COMPLETE"
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
+DRIVER_STATE_FILE = "driver_state.pt"
 LAYOUT_FILE = "layout.json"
 RNG_DIR = "rng"
 TMP_PREFIX = ".tmp-"
@@ -82,11 +85,14 @@ def save_checkpoint(
     trainer_state: dict,
     *,
     keep_last: int = 2,
+    driver_state: dict | None = None,
 ) -> Path:
     """Write `root/step_{step:08d}` atomically (collective over all ranks); returns it.
 
     Keeps the newest `keep_last` complete checkpoints (always the one just written) and
-    removes `.tmp-*` leftovers of crashed saves.
+    removes `.tmp-*` leftovers of crashed saves. `driver_state` (rank 0's; dicts, lists,
+    numbers, strings) is written as driver_state.pt and comes back from `load_checkpoint`
+    on rank 0 under trainer_state["driver_state"].
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -125,6 +131,9 @@ def save_checkpoint(
     torch.save(_rng_states(), rng_path)
     _fsync_file(rng_path)
     if rank == 0:
+        if driver_state is not None:
+            torch.save(driver_state, staging / DRIVER_STATE_FILE)
+            _fsync_file(staging / DRIVER_STATE_FILE)
         _write_synced(staging / TRAINER_STATE_FILE, trainer_json)
         _write_synced(staging / LAYOUT_FILE, json.dumps(_layout(policy, groups), sort_keys=True))
     dist.barrier()  # every rank's files are on disk
@@ -212,9 +221,10 @@ def load_checkpoint(root_or_dir: str | os.PathLike, policy: TrainableModel, grou
     """Restore model, optimizer, LR schedule and this rank's RNG states (collective).
 
     `root_or_dir` is a checkpoint root (its latest complete checkpoint is loaded) or one
-    checkpoint directory. Returns the saved trainer_state, or None when there is no
-    checkpoint yet. A checkpoint that cannot load at this layout raises ValueError before
-    `policy` is touched.
+    checkpoint directory. Returns the saved trainer_state (on rank 0 with the saved
+    driver_state, if any, under "driver_state"), or None when there is no checkpoint yet.
+    A checkpoint that cannot load at this layout raises ValueError before `policy` is
+    touched.
     """
     from megatron.core import dist_checkpointing
 
@@ -244,7 +254,10 @@ def load_checkpoint(root_or_dir: str | os.PathLike, policy: TrainableModel, grou
         _set_rng_states(torch.load(rng_path, weights_only=False))
     elif dist.get_rank() == 0:
         logger.warning("%s was written at %s, loading at %s: RNG states are not restored", path, saved_layout, layout)
-    return json.loads((path / TRAINER_STATE_FILE).read_text())
+    state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    if dist.get_rank() == 0 and (path / DRIVER_STATE_FILE).is_file():
+        state["driver_state"] = torch.load(path / DRIVER_STATE_FILE, weights_only=True)
+    return state
 
 
 def _resolve_on_rank0(root_or_dir: Path) -> Path | None:

@@ -21,8 +21,9 @@ TeacherWeights = Literal["policy", "reference"]  # whose weights read the privil
 LossTokens = Literal["all", "gated"]  # the token-mean's denominator
 RewardScheme = Literal["binary", "signed"]  # correct/wrong as 1/0 or +1/-1
 LrWarmupUnit = Literal["rollout_step", "optimizer_step"]
-WeightTransport = Literal["gloo", "nccl"]  # trainer → engine wire of a weight push
+WeightTransport = Literal["auto", "shm", "cuda_ipc", "gloo", "nccl"]  # trainer → engine wire of a weight push
 Recompute = Literal["none", "selective", "full"]  # activation recomputation of the training pass
+RolloutMode = Literal["sync", "one_step_off"]  # whether a step's generation overlaps the previous step's training
 
 
 @dataclass(kw_only=True)
@@ -102,8 +103,12 @@ class ScheduleConfig:
     # Dynamic batching: micro-batches cut from length-sorted samples so that rows × own
     # padded length ≤ this many tokens, each padded only to its own longest row (replaces
     # micro_batch_size); None: micro_batch_size rows padded to the step's longest sequence.
-    # Pipeline parallelism still needs equal shapes: only with parallel.pipeline_parallel=1.
+    # Under pipeline parallelism the stages exchange each activation's shape first.
     max_tokens_per_micro_batch: int | None = None
+    # THD packing (transformer-engine on CUDA only): each micro-batch's sequences run as one
+    # row of concatenated sequences without padding (Megatron's PackedSeqParams), for the
+    # policy's, the teacher's and π_ref's forward passes; the loss is unchanged.
+    pack_sequences: bool = False
     seed: int = 0
     # DAPO dynamic sampling: drop groups whose answers are all right or all wrong and
     # generate more prompts (up to max_generation_batches batches of prompts_per_step)
@@ -144,7 +149,10 @@ class ModelConfig:
     tokenizer_dir: str | None = None  # None: hf_dir
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     # The fused loss's per-rank body: "auto" = Triton kernels for bf16 on a GPU, the
-    # chunked torch loop otherwise; "torch" forces the loop (see parallel/vocab_parallel.py).
+    # chunked torch loop otherwise (a GPU where Triton does not import logs a warning once
+    # and runs the loop, ~6x slower); "torch" forces the loop; "triton" refuses to run
+    # without the kernels. The one source of this choice (no environment override; see
+    # parallel/vocab_parallel.py `resolve_backend`).
     loss_backend: Literal["auto", "torch", "triton"] = "auto"
     # How the training loss gets its gradient: "stats" = per-token statistics, then the loss
     # through autograd (the backward recomputes the logits: 6 GEMMs of (N, H, V/tp) with a
@@ -204,9 +212,17 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     max_restarts: int = 2
     bucket_bytes: int = 256 * 2**20  # weight-push bucket size: a trainer rank's peak extra memory
-    weight_transport: WeightTransport = "gloo"  # "gloo" (CPU or GPU engines) or "nccl" (GPU engines)
+    # "auto": engines on the trainer's node read pushes from shared memory, others get them over
+    # gloo; "shm" / "cuda_ipc": same node only; "gloo" (CPU or GPU engines), "nccl" (GPU engines)
+    weight_transport: WeightTransport = "auto"
     weight_sync_timeout_s: float = 300.0  # joining a weight group; each bucket's broadcast
     ray_address: str | None = None  # None: a local Ray instance; "auto" or host:port on Slurm
+    # "sync": step k's batch is generated from the weights trained through step k − 1, then
+    # trained on (the paper's). "one_step_off": step k + 1's batch (dynamic sampling's
+    # refills included) is generated while step k trains, from the weights one step behind
+    # the trainer's; needs algorithm.old_logprobs=recompute and algorithm.tis_cap
+    # (docs/rollout.md, "One step off").
+    mode: RolloutMode = "sync"
 
 
 @dataclass(kw_only=True)
@@ -244,6 +260,11 @@ class LoggingConfig:
     out_dir: str = "runs/sdpg"
     tensorboard: bool = True
     progress: bool = True
+    # Weights & Biases beside TensorBoard (the `wandb` package): "offline" writes the run under
+    # out_dir/wandb/ with no network (`wandb sync` uploads it later), "online" streams it.
+    wandb: bool = False
+    wandb_project: str = "sdpg"
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 @dataclass(kw_only=True)
@@ -430,6 +451,7 @@ def _validate_schedule(c: ScheduleConfig) -> None:
     _require(c.max_generation_batches >= 1, p + "max_generation_batches", f"must be >= 1, got {c.max_generation_batches}")
     _require(c.max_tokens_per_micro_batch is None or c.max_tokens_per_micro_batch >= 8, p + "max_tokens_per_micro_batch",
              f"must be >= 8 tokens or None (fixed micro_batch_size), got {c.max_tokens_per_micro_batch}")
+    _require(isinstance(c.pack_sequences, bool), p + "pack_sequences", "must be true or false")
 
 
 def _validate_optimizer(c: OptimizerConfig) -> None:
@@ -483,10 +505,11 @@ def _validate_rollout(c: RolloutConfig) -> None:
     _require(c.bucket_bytes >= 2**20, p + "bucket_bytes", "must be >= 1 MiB")
     _require(c.request_timeout_s > 0, p + "request_timeout_s", "must be > 0")
     _require(c.weight_transport in get_args(WeightTransport), p + "weight_transport",
-             f"must be 'gloo' or 'nccl', got {c.weight_transport!r}")
-    _require(c.weight_transport != "nccl" or c.gpus_per_engine > 0, p + "weight_transport",
-             "'nccl' needs GPU engines (rollout.gpus_per_engine > 0); use 'gloo' on CPU")
+             f"must be one of {get_args(WeightTransport)}, got {c.weight_transport!r}")
+    _require(c.weight_transport not in ("nccl", "cuda_ipc") or c.gpus_per_engine > 0, p + "weight_transport",
+             f"{c.weight_transport!r} needs GPU engines (rollout.gpus_per_engine > 0); use 'auto' on CPU")
     _require(c.weight_sync_timeout_s > 0, p + "weight_sync_timeout_s", "must be > 0")
+    _require(c.mode in get_args(RolloutMode), p + "mode", f"must be 'sync' or 'one_step_off', got {c.mode!r}")
 
 
 def _validate_reward(c: RewardConfig) -> None:
@@ -515,19 +538,44 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 
 def _validate_logging(c: LoggingConfig) -> None:
     _require(bool(c.out_dir), "logging.out_dir", "must name a directory")
+    _require(c.wandb_mode in ("offline", "online"), "logging.wandb_mode",
+             f"must be 'offline' or 'online', got {c.wandb_mode!r}")
+    if c.wandb:
+        import importlib.util
+        import sys
+
+        _require(bool(c.wandb_project), "logging.wandb_project", "must name a W&B project when logging.wandb=true")
+        _require(importlib.util.find_spec("wandb") is not None, "logging.wandb",
+                 f"the wandb package is not installed for {sys.executable}: pip install wandb==0.31.0 (what "
+                 f"requirements/cpu.txt pins), or set logging.wandb=false")
 
 
 def _validate_tree(c: Config) -> None:
     """Checks that span sections."""
-    _require(c.schedule.max_tokens_per_micro_batch is None or c.parallel.pipeline_parallel == 1,
-             "schedule.max_tokens_per_micro_batch",
-             "micro-batches of different lengths need parallel.pipeline_parallel=1 (the pipeline schedule sends "
-             "equal shapes between stages): set it to none, or drop pipeline parallelism")
+    _validate_rollout_mode(c)
+    # transformer-engine runs THD attention only in its flash / cuDNN kernels (bf16/fp16);
+    # that TE and CUDA are there is checked where the model is built (ModelPasses)
+    _require(not c.schedule.pack_sequences or c.model.params_dtype == "bfloat16", "schedule.pack_sequences",
+             "packed (THD) sequences need model.params_dtype=bfloat16 (transformer-engine's fused attention): "
+             "set it, or set schedule.pack_sequences=false")
     if c.reward.overlong_buffer is not None:
         _require(
             c.reward.overlong_buffer <= c.rollout.max_response_tokens, "reward.overlong_buffer",
             f"must be <= rollout.max_response_tokens={c.rollout.max_response_tokens}",
         )
+
+
+def _validate_rollout_mode(c: Config) -> None:
+    """one_step_off trains on samples drawn from the weights one step behind the trainer's."""
+    if c.rollout.mode != "one_step_off":
+        return
+    _require(c.algorithm.old_logprobs == "recompute", "rollout.mode / algorithm.old_logprobs",
+             "rollout.mode=one_step_off samples from the weights one step behind the trainer's, so the engine's "
+             "log-probs are not π_old: set algorithm.old_logprobs=recompute, or rollout.mode=sync")
+    # Refused rather than defaulted: the loss changes with the cap, so the run's config states it.
+    _require(c.algorithm.tis_cap is not None or not c.algorithm.use_outcome, "rollout.mode / algorithm.tis_cap",
+             "rollout.mode=one_step_off samples from the weights one step behind the trainer's: set "
+             "algorithm.tis_cap (2.0 is verl's cap) to importance-correct the outcome term, or rollout.mode=sync")
 
 
 _SECTION_CHECKS = {

@@ -12,6 +12,15 @@ were generated. Short of a full step, the step trains on as many whole PPO mini-
 of kept groups as there are (topped up with dropped groups to one mini-batch when there
 is not even one). Prompts come from one stream (`PromptSet`): the position after each
 step is saved in the checkpoint, so a resumed run draws exactly what the original drew.
+
+One step off (`rollout.mode=one_step_off`, docs/rollout.md): `next_batch(k)` hands over
+batch k, generated during step k − 1, and starts generating batch k + 1 — the whole
+generate / score / refill loop above — on a thread of its own, from the engines' current
+weights (one version behind the trainer's by the time it trains on them), while every rank
+trains on batch k. The trainer calls `finish_generation` before it pushes new weights (and
+so before it evaluates or checkpoints). Batch k + 1 uses the prompt stream and seeds it
+would use in sync mode, so the batches do not depend on timing; a checkpoint keeps the
+finished batch k + 1, so a resumed run trains on exactly what the original did.
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +46,9 @@ TIMED_PHASES = ("rollout", "reward", "old_logprobs", "reference", "teacher", "tr
 
 
 class PhaseTimer:
+    """Seconds per phase of one step: TIMED_PHASES always, others (one_step_off's
+    `rollout_wait`: the trainer blocked on generation) once timed."""
+
     def __init__(self):
         self.seconds = {phase: 0.0 for phase in TIMED_PHASES}
 
@@ -45,7 +58,11 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - started
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def add(self, seconds: dict[str, float]) -> None:
+        for phase, value in seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + value
 
 
 def rollout_seed(seed: int, step: int, generation_batch: int) -> int:
@@ -66,17 +83,59 @@ class _Group:
         return 0 < sum(s.correct for s in self.samples) < len(self.samples)
 
 
+class _RolloutAhead:
+    """Step `step`'s batch, generated on a thread of its own from engine weight version
+    `weight_version` while the trainer trains the step before (rollout.mode=one_step_off).
+    One restored from a checkpoint has its result and `versions_behind` instead (the
+    trainer's version minus the samples' when it was saved) and no thread."""
+
+    def __init__(self, step: int, weight_version: int | None, position_before: int):
+        self.step, self.weight_version = step, weight_version
+        self.position_before = position_before  # the prompt stream's, before this batch
+        self.position_after: int | None = None
+        self.versions_behind: int | None = None
+        self.timer = PhaseTimer()
+        self.result: tuple[StepBatch, dict[str, float]] | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, produce) -> None:
+        """Run `produce(self)` on a thread; `wait` returns its result or raises its error."""
+
+        def run():
+            try:
+                self.result = produce(self)
+            except BaseException as error:  # noqa: BLE001 - raised again by wait(), in the trainer's thread
+                self.error = error
+
+        self.thread = threading.Thread(target=run, name=f"rollout-step-{self.step}", daemon=True)
+        self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> tuple[StepBatch, dict[str, float]]:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 class Driver:
     """Owns the fleet (its own, or `fleet` when given: tests share one engine), the
     verifier pool, the prompt stream and the metrics sink. `prompt_position`: where the
     prompt stream stands after `start_step` (from the checkpoint; None: the position of a
-    run without dynamic sampling, start_step × prompts_per_step)."""
+    run without dynamic sampling, start_step × prompts_per_step). `ahead`: the checkpoint's
+    batch for step start_step + 1, generated ahead under rollout.mode=one_step_off."""
 
-    def __init__(self, config: Config, fleet, start_step: int, prompt_position: int | None = None):
+    def __init__(self, config: Config, fleet, start_step: int, prompt_position: int | None = None,
+                 ahead: dict | None = None):
         from transformers import AutoTokenizer
 
         from sdpg_megatron.data import template_supports_thinking
-        from sdpg_megatron.metrics import MetricsLogger
+        from sdpg_megatron.metrics import MetricsLogger, WandbSettings
         from sdpg_megatron.reward import VerifierPool
 
         self.config = config
@@ -98,7 +157,11 @@ class Driver:
         self.metrics = MetricsLogger(
             out_dir, total_steps=config.schedule.total_steps, start_step=start_step,
             tensorboard=config.logging.tensorboard, progress=config.logging.progress,
+            wandb=WandbSettings.from_logging(config.logging, config_to_dict(config)),
         )
+        self._ahead: _RolloutAhead | None = None
+        self._closing = threading.Event()
+        self._resume_ahead(start_step, ahead)
         self.eval_dir = out_dir / "eval"
         self.benchmarks = []
         if config.evaluation.benchmarks:
@@ -138,6 +201,8 @@ class Driver:
 
         if not self.evaluation_due(step):
             return {}
+        # the trainer evaluates after its push, which waited for the batch generated ahead
+        assert self._ahead is None or not self._ahead.running, "evaluation while a rollout is in flight"
         e, r = self.config.evaluation, self.config.rollout
         started = time.perf_counter()
         results = evaluate(self.fleet, self.tokenizer, self.verifier, self.benchmarks, k=e.k,
@@ -153,14 +218,117 @@ class Driver:
 
     # ------------------------------------------------------------------ rollouts
 
-    def rollout(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:
+    def next_batch(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:
+        """Step `step`'s experience and metrics, with the samples' staleness: how many weight
+        versions they are behind the trainer (whose weights the engines hold right now).
+
+        sync: generated now. one_step_off: the batch generated during the previous step (at
+        a run's first step, or a resume from a checkpoint without it: generated now), and
+        the next step's batch starts generating (`finish_generation` waits for it)."""
+        if self.config.rollout.mode == "sync":
+            batch, metrics = self.rollout(step, timer)
+        else:
+            batch, metrics = self._take_ahead(step, timer)
+            if step < self.config.schedule.total_steps:
+                self._start_ahead(step + 1)
+        staleness = [self.fleet.version - sample.weight_version for sample in batch.samples]
+        metrics.update({"rollout/staleness_mean": sum(staleness) / len(staleness),
+                        "rollout/staleness_max": max(staleness)})
+        return batch, metrics
+
+    def finish_generation(self, timer: PhaseTimer) -> None:
+        """Wait for the batch being generated ahead, raising its error: the engines must
+        keep their weights until it is complete, so the trainer calls this before a push."""
+        if self._ahead is not None and self._ahead.thread is not None:
+            with timer("rollout_wait"):
+                self._ahead.wait()
+
+    @property
+    def trained_prompt_position(self) -> int:
+        """The prompt stream's position after the batches handed to the trainer (a batch
+        generated ahead is not among them): what a checkpoint records."""
+        return self.prompts.position if self._ahead is None else self._ahead.position_before
+
+    def saved_ahead(self) -> dict | None:
+        """For the checkpoint (after the trainer's push, so complete): the batch generated
+        ahead, its metrics, where it leaves the prompt stream and how many weight versions
+        it is behind the trainer; None when there is none (sync mode, the last step)."""
+        if self._ahead is None:
+            return None
+        batch, metrics = self._ahead.wait()
+        (version,) = {sample.weight_version for sample in batch.samples}  # one version per batch
+        return {
+            "step": self._ahead.step, "group_size": batch.group_size, "metrics": dict(metrics),
+            "samples": [asdict(sample) for sample in batch.samples], "seconds": dict(self._ahead.timer.seconds),
+            "prompt_position_after": self._ahead.position_after, "versions_behind": self.fleet.version - version,
+        }
+
+    def _resume_ahead(self, start_step: int, saved: dict | None) -> None:
+        """Take over the checkpoint's batch generated ahead (one_step_off), so the resumed run
+        trains on what the original did; without one, the first step's batch is generated
+        from the restored weights (staleness 0)."""
+        one_step_off = self.config.rollout.mode == "one_step_off"
+        if saved is None:
+            if one_step_off and start_step > 0:
+                logger.warning("rollout.mode=one_step_off: the checkpoint of step %d holds no batch generated "
+                               "ahead (a sync run wrote it, or it was the run's last step); step %d's batch is "
+                               "generated from the restored weights (staleness 0)", start_step, start_step + 1)
+            return
+        if not one_step_off:
+            logger.info("rollout.mode=sync: the checkpoint's batch for step %d, generated ahead by a one_step_off "
+                        "run, is not used; it is generated again from the restored weights", saved["step"])
+            return
+        if saved["step"] != start_step + 1 or saved["group_size"] != self.config.algorithm.group_size:
+            raise ValueError(f"the checkpoint of step {start_step} holds a batch for step {saved['step']} of group "
+                             f"size {saved['group_size']}; this run needs step {start_step + 1}, algorithm.group_size="
+                             f"{self.config.algorithm.group_size}: resume with the config the run was started with")
+        ahead = _RolloutAhead(saved["step"], None, self.prompts.position)
+        samples = [Sample(**fields) for fields in saved["samples"]]
+        ahead.result = (make_step_batch(saved["step"], samples, saved["group_size"]), dict(saved["metrics"]))
+        ahead.timer.add(saved["seconds"])
+        ahead.position_after, ahead.versions_behind = saved["prompt_position_after"], saved["versions_behind"]
+        self.prompts.position = ahead.position_after
+        self._ahead = ahead
+
+    def _start_ahead(self, step: int) -> None:
+        ahead = _RolloutAhead(step, self.fleet.version, self.prompts.position)
+        ahead.start(self._generate_ahead)
+        self._ahead = ahead
+
+    def _generate_ahead(self, ahead: _RolloutAhead) -> tuple[StepBatch, dict[str, float]]:
+        """On the rollout thread: the whole sync-mode rollout, from the version `ahead` names."""
+        result = self.rollout(ahead.step, ahead.timer, weight_version=ahead.weight_version)
+        ahead.position_after = self.prompts.position
+        return result
+
+    def _take_ahead(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:
+        """The batch generated ahead for `step` (its generation time counted in this step's
+        rollout phases), or one generated now when there is none."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            with timer("rollout_wait"):
+                return self.rollout(step, timer)
+        assert ahead.step == step, f"the batch generated ahead is for step {ahead.step}, not {step}"
+        with timer("rollout_wait"):
+            batch, metrics = ahead.wait()
+        timer.add(ahead.timer.seconds)
+        if ahead.versions_behind is not None:  # from a checkpoint: the versions of this run's fleet
+            for sample in batch.samples:
+                sample.weight_version = self.fleet.version - ahead.versions_behind
+        return batch, metrics
+
+    def rollout(self, step: int, timer: PhaseTimer, *,
+                weight_version: int | None = None) -> tuple[StepBatch, dict[str, float]]:
         """The step's experience: one generation batch, or with dynamic sampling as many as
-        it takes (at most schedule.max_generation_batches) to fill the step."""
+        it takes (at most schedule.max_generation_batches) to fill the step; every response
+        from engine weight version `weight_version` (None: the fleet's current one)."""
         s = self.config.schedule
         kept, dropped, generated, verdicts = [], [], [], {}
         num_batches = s.max_generation_batches if s.dynamic_sampling else 1
         for j in range(num_batches):
-            groups, counts = self._generate(step, j, timer)
+            if self._closing.is_set():  # close() while a rollout runs ahead: stop at a batch boundary
+                raise RuntimeError(f"step {step}: rollout stopped, the driver is closing")
+            groups, counts = self._generate(step, j, timer, weight_version)
             generated += groups
             for status, count in counts.items():
                 verdicts[status] = verdicts.get(status, 0) + count
@@ -198,23 +366,27 @@ class Driver:
                        per_minibatch - len(kept))
         return kept + dropped[:per_minibatch - len(kept)]
 
-    def _generate(self, step: int, generation_batch: int, timer: PhaseTimer) -> tuple[list[_Group], dict[str, int]]:
+    def _generate(self, step: int, generation_batch: int, timer: PhaseTimer,
+                  weight_version: int | None) -> tuple[list[_Group], dict[str, int]]:
         """prompts_per_step prompts from the stream × G responses, scored; and the count
         of each verifier status."""
         from sdpg_megatron.reward import score_responses
 
         cfg, r = self.config, self.config.rollout
         group_size = cfg.algorithm.group_size
+        expected = self.fleet.version if weight_version is None else weight_version
+        # sync mode leaves the check to the fleet's own version (as before this option existed)
+        pinned = {} if weight_version is None else {"expected_version": weight_version}
         problems = self.prompts.take(cfg.schedule.prompts_per_step)
         with timer("rollout"):
             outputs = self.fleet.generate(
                 [p.student_ids for p, _ in problems], n=group_size, sampling=self.sampling(r.max_response_tokens),
-                seed=rollout_seed(cfg.schedule.seed, step, generation_batch),
+                seed=rollout_seed(cfg.schedule.seed, step, generation_batch), **pinned,
             )
         rollouts = [rollout for group in outputs for rollout in group]
-        stale = [x.weight_version for x in rollouts if x.weight_version != self.fleet.version]
+        stale = [x.weight_version for x in rollouts if x.weight_version != expected]
         if stale:
-            raise RuntimeError(f"step {step}: rollouts from weight versions {sorted(set(stale))}, fleet is at {self.fleet.version}")
+            raise RuntimeError(f"step {step}: rollouts from weight versions {sorted(set(stale))}, expected {expected}")
         with timer("reward"):
             texts = [self.tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in rollouts]
             scored = score_responses(
@@ -229,6 +401,7 @@ class Driver:
             groups[x.prompt_index].samples.append(Sample(
                 group=x.prompt_index, student_prompt=prompt.student_ids, teacher_prompt=prompt.teacher_ids,
                 response=list(x.token_ids), rollout_logprobs=list(x.logprobs), reward=reward, correct=correct,
+                weight_version=x.weight_version,
             ))
         return groups, scored.counts
 
@@ -277,6 +450,10 @@ class Driver:
         ))
 
     def close(self) -> None:
+        self._closing.set()
+        if self._ahead is not None and self._ahead.running:  # it uses the fleet and the verifier
+            logger.info("waiting for the rollout of step %d to stop at its generation batch's end", self._ahead.step)
+            self._ahead.thread.join()
         self.metrics.close()
         self.verifier.close()
         if self.owns_fleet:

@@ -46,7 +46,8 @@ def parse_benchmark_specs(specs: list[str] | tuple[str, ...]) -> dict[str, Path]
         if not sep or not name or not path:
             raise ValueError(f"benchmark {spec!r}: write it as name=path.parquet, e.g. aime24=aime-2024.parquet")
         if not Path(path).is_file():
-            raise ValueError(f"benchmark {name}: {path} does not exist")
+            raise ValueError(f"benchmark {name}: {path} does not exist; name a DAPO-schema parquet file "
+                             f"(data/eval/ holds AIME 2024, AIME 2025 and AMC 2023)")
         result[name] = Path(path)
     return result
 
@@ -151,11 +152,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="JSON results file")
     args = parser.parse_args(argv)
-    try:
-        specs = parse_benchmark_specs(args.benchmark)
+    from sdpg_megatron.cli_paths import HF_MODEL_FILES, TOKENIZER_FILES, input_dir, output_file
+
+    try:  # every argument is checked before Ray, the engines and the verifier start
+        try:
+            specs = parse_benchmark_specs(args.benchmark)
+        except ValueError as error:
+            raise ValueError(f"--benchmark: {error}") from None
         if args.k < 1:
             raise ValueError(f"--k must be >= 1, got {args.k}")
-    except ValueError as error:
+        input_dir(args.hf_dir, "--hf-dir", holds=HF_MODEL_FILES,
+                  what="a Hugging Face model directory (tools/mcore_to_hf.py writes one from a training checkpoint)")
+        input_dir(args.tokenizer_dir or args.hf_dir, "--tokenizer-dir" if args.tokenizer_dir else "--hf-dir",
+                  holds=TOKENIZER_FILES, what="a directory with the model's tokenizer (--tokenizer-dir)")
+        output_file(args.out, "--out")
+    except (ValueError, OSError) as error:
         parser.error(str(error))
 
     import shutil

@@ -33,6 +33,10 @@ class Sample:
     rollout_logprobs: list[float]  # the engine's log π(y_t) as sampled (one per response token)
     reward: float
     correct: bool
+    # The engines' weight version that sampled it (None: not from the fleet). The trainer is
+    # at the fleet's version when it trains, so their difference is the sample's staleness:
+    # 0 under rollout.mode=sync; 1 under one_step_off, 0 at its first step (docs/rollout.md).
+    weight_version: int | None = None
 
 
 @dataclass
@@ -58,6 +62,8 @@ class MicroBatch:
     teacher_tokens: torch.Tensor  # [b, T]
     teacher_positions: torch.Tensor  # [b, T]
     teacher_response_mask: torch.Tensor  # [b, T] bool
+    lengths: torch.Tensor  # [b] each row's unpadded length (student view; THD packing)
+    teacher_lengths: torch.Tensor  # [b]
     # Flat [N] over the response tokens of the micro-batch, in (row, position) order.
     targets: torch.Tensor
     rollout_logprobs: torch.Tensor  # the engine's sampling log-probs
@@ -195,6 +201,8 @@ def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: in
     return MicroBatch(
         tokens=tokens, positions=positions, response_mask=mask,
         teacher_tokens=teacher_tokens, teacher_positions=teacher_positions, teacher_response_mask=teacher_mask,
+        lengths=torch.tensor([sequence_lengths(batch, i)[0] for i in ids], dtype=torch.long),
+        teacher_lengths=torch.tensor([sequence_lengths(batch, i)[1] for i in ids], dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         rollout_logprobs=torch.tensor(rollout_logprobs, dtype=torch.float32),
         advantages=torch.tensor(token_advantages, dtype=torch.float32),

@@ -47,10 +47,14 @@ pipeline stage i with P_i parameters (its TP shard; norms replicated):
                    samples_per_rank · max_response_tokens · h · e (held from the teacher
                    pass until the student pass ends);
 - loss buffers     last stage: the fused vocab-parallel loss's three [chunk, V/tp] fp32
-                   buffers (chunk as `vocab_parallel` picks it on CUDA) and the
-                   micro-batch's response hidden states it saves (b · r · h · e);
+                   buffers (chunk as `vocab_parallel` picks it on CUDA, `chunks.chunk_tokens`
+                   of its `CHUNK_BYTES`) and the micro-batch's response hidden states it
+                   saves (b · r · h · e);
 - overhead         a fixed 3 GiB: CUDA context, NCCL buffers, allocator fragmentation.
 
+The activation count is that of Transformer Engine's layer spec, which the trainer builds
+on GPUs with transformer-engine installed; a GPU without it gets Megatron's local spec
+(unfused attention, [s, s] scores per layer), which `model.provider` logs as a warning.
 Lengths are upper bounds (a step pads to its longest sequence), and transient buffers
 (the backward's gradient tensors, the forward-only teacher/reference passes, weight-push
 buckets) are left to the margin: a layout fits when its largest stage needs at most 90%
@@ -61,7 +65,6 @@ weights and a KV cache that holds at least one full-length sequence.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from sdpg_megatron.config import Config, validate
@@ -70,7 +73,8 @@ from sdpg_megatron.model.provider import (
     check_layout, check_recompute, check_sequence_parallel, divisors, resolve_padded_vocab,
 )
 from sdpg_megatron.model.qwen3 import Qwen3Arch
-from sdpg_megatron.parallel.vocab_parallel import _CHUNK_BYTES
+from sdpg_megatron.parallel.chunks import chunk_tokens
+from sdpg_megatron.parallel.vocab_parallel import CHUNK_BYTES
 
 GIB = 2**30
 FIT_FRACTION = 0.9  # a layout fits when its largest stage needs at most this share of the GPU
@@ -501,7 +505,7 @@ def _stage_memory(config: Config, arch: Qwen3Arch, *, stage: int, params: int, d
     loss = 0
     if last:
         vocab_shard = padded_vocab // tp
-        chunk = max(1, _CHUNK_BYTES["cuda"] // (4 * vocab_shard))
+        chunk = chunk_tokens(CHUNK_BYTES, "cuda", vocab_shard, buffers=1)
         loss = 3 * min(chunk, response_tokens) * vocab_shard * 4 + response_tokens * arch.hidden_size * e
     return MemoryEstimate(
         stage=stage,

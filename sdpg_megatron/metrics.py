@@ -1,4 +1,5 @@
-"""Per-step training metrics: one JSON line per step, TensorBoard scalars, a progress bar.
+"""Per-step training metrics: one JSON line per step, TensorBoard scalars, Weights & Biases
+(optional), a progress bar.
 
 `MetricsLogger` is the single sink the driver calls once per rollout step (on one rank):
 
@@ -13,7 +14,11 @@
   the checkpoint at `start_step` leaves the same file as one that was never stopped.
   TensorBoard gets the matching purge marker, so its curves do not double back either.
 - Non-finite values are kept as JSON `null` (a NaN loss is a fact worth recording) and
-  left out of TensorBoard, whose plots a single inf would flatten.
+  left out of TensorBoard and W&B, whose plots a single inf would flatten.
+- W&B (`wandb=WandbSettings(...)`, imported only then) writes under `run_dir/wandb/`.
+  A resumed run continues the same W&B run (its id is kept in `run_dir/wandb_run_id`);
+  W&B's history only grows, so steps logged again after a resume from an earlier
+  checkpoint are dropped there (metrics.jsonl and TensorBoard rewind instead).
 
 Deliberately left out: rank handling (the driver creates the logger on one rank only) and
 any aggregation across steps — each line is exactly what the driver logged.
@@ -25,15 +30,18 @@ import json
 import math
 import numbers
 import os
+import secrets
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdpg_megatron.fsio import write_text_atomic
 
 METRICS_FILE_NAME = "metrics.jsonl"
 TENSORBOARD_DIR_NAME = "tensorboard"
+WANDB_RUN_ID_FILE_NAME = "wandb_run_id"
 
 
 def read_metrics(path_or_dir: str | os.PathLike) -> list[dict]:
@@ -50,8 +58,24 @@ def read_metrics(path_or_dir: str | os.PathLike) -> list[dict]:
     return [record for _, record in _parse_lines(path)]
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """Where a run's metrics go in Weights & Biases (config.py's logging.wandb_*)."""
+
+    project: str
+    mode: str = "offline"  # "offline": files under run_dir/wandb/, no network; "online": streamed
+    run_config: Mapping | None = None  # shown as the W&B run's config (the resolved config tree)
+
+    @classmethod
+    def from_logging(cls, logging_config, run_config: Mapping | None = None) -> WandbSettings | None:
+        """From a LoggingConfig; None unless logging.wandb is set."""
+        if not logging_config.wandb:
+            return None
+        return cls(project=logging_config.wandb_project, mode=logging_config.wandb_mode, run_config=run_config)
+
+
 class MetricsLogger:
-    """Append-only per-step metrics for one run: JSONL + TensorBoard + tqdm progress bar.
+    """Append-only per-step metrics for one run: JSONL + TensorBoard + W&B + tqdm progress bar.
 
     Args:
         out_dir: run directory; created if missing.
@@ -61,12 +85,14 @@ class MetricsLogger:
         tensorboard: also write scalars under `out_dir/tensorboard/`.
         progress: show a tqdm progress bar on stderr.
         progress_keys: metrics shown in the bar's postfix when present in a step.
+        wandb: also log to Weights & Biases (None: not at all, and `wandb` is never imported).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, progress: bool = True,
                  progress_keys: Iterable[str] = ("reward_mean", "accuracy", "entropy",
-                                                 "response_length")):
+                                                 "response_length"),
+                 wandb: WandbSettings | None = None):
         if total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps}")
         if start_step < 0:
@@ -79,6 +105,7 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = _ScalarWriter(self.out_dir / TENSORBOARD_DIR_NAME, purge_from_step=start_step + 1) \
             if tensorboard else None
+        self._wandb = _WandbWriter(self.out_dir, wandb, resumed=start_step > 0) if wandb is not None else None
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -107,9 +134,11 @@ class MetricsLogger:
         os.fsync(self._file.fileno())
         self.last_step = step
 
+        finite = {key: value for key, value in values.items() if math.isfinite(value)}
         if self._tensorboard is not None:
-            self._tensorboard.add_scalars(step, {key: value for key, value in values.items()
-                                                 if math.isfinite(value)})
+            self._tensorboard.add_scalars(step, finite)
+        if self._wandb is not None:
+            self._wandb.add_scalars(step, finite)
         if self._bar is not None:
             self._bar.set_postfix({key: f"{values[key]:.4g}" for key in self.progress_keys
                                    if key in values}, refresh=False)
@@ -122,6 +151,8 @@ class MetricsLogger:
         self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.close()
         if self._bar is not None:
             self._bar.close()
 
@@ -158,6 +189,36 @@ class _ScalarWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class _WandbWriter:
+    """One W&B run per run directory: a fresh run gets a new id, kept in
+    `out_dir/wandb_run_id`; a resumed one continues the run of that id."""
+
+    def __init__(self, out_dir: Path, settings: WandbSettings, *, resumed: bool):
+        try:
+            import wandb
+        except ImportError as error:
+            raise ModuleNotFoundError(
+                f"logging.wandb is set but the wandb package cannot be imported ({error}): pip install "
+                f"wandb==0.31.0 (what requirements/cpu.txt pins), or set logging.wandb=false") from error
+        if settings.mode not in ("offline", "online"):
+            raise ValueError(f"logging.wandb_mode must be 'offline' or 'online', got {settings.mode!r}")
+        id_path = out_dir / WANDB_RUN_ID_FILE_NAME
+        run_id = id_path.read_text().strip() if resumed and id_path.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(4)  # W&B's own ids: 8 lowercase alphanumerics
+            write_text_atomic(id_path, run_id + "\n")
+        self._run = wandb.init(project=settings.project, mode=settings.mode, dir=str(out_dir), id=run_id,
+                               name=out_dir.resolve().name, resume="allow",
+                               config=dict(settings.run_config) if settings.run_config is not None else None)
+
+    def add_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if scalars:
+            self._run.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def _as_float(key: str, value) -> float:

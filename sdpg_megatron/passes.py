@@ -11,7 +11,11 @@
   exact full-vocabulary KL, and `sdpg_loss` combines them.
 
 Per-token results live on the last pipeline stage, one tensor per micro-batch, in the
-micro-batch's flat token order.
+micro-batch's flat token order. Micro-batches of different shapes (dynamic batching, THD
+packing) run under pipeline parallelism with Megatron's `variable_seq_lengths`: each stage
+sends the activation's shape before the activation. With `schedule.pack_sequences` every
+pass runs a micro-batch as one packed row (`packing.py`); the response mask of the packed
+row selects the same tokens in the same order, so nothing downstream changes.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from sdpg_megatron.algo import sdpg_loss, token_terms
 from sdpg_megatron.config import Config
 from sdpg_megatron.experience import MicroBatch, StepBatch, micro_batches
 from sdpg_megatron.model.convert import check_mcore_source, load_mcore_weights
 from sdpg_megatron.model.hf_mapping import load_hf_weights
-from sdpg_megatron.model.provider import response_states
+from sdpg_megatron.model.provider import response_states, transformer_engine_available
 from sdpg_megatron.model.training import StepResult, build_frozen, build_policy, forward_only, train_step
+from sdpg_megatron.packing import pack_view, packing_multiples
 from sdpg_megatron.parallel import (
     TokenStats, padded_vocab_size, vocab_parallel_token_loss, vocab_parallel_token_stats,
 )
@@ -50,11 +56,29 @@ class TeacherStates:
     rows: torch.Tensor | None = None  # [n] the micro-batch's token rows they are for; None: all
 
 
+@dataclass
+class ModelInput:
+    """One view of a micro-batch as the model takes it: padded rows [b, S], or one packed
+    row [1, L] with its `PackedSeqParams` (THD)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    response_mask: torch.Tensor  # True where the position predicts a response token
+    packed_seq_params: PackedSeqParams | None = None
+
+
 class ModelPasses:
     def __init__(self, config: Config, groups: ParallelGroups, source, *, arch=None):
         """source: the `HFCheckpoint` the policy (and π_ref) start from; None starts both
         from Megatron's random initialisation of `arch` (benchmarks)."""
+        if config.schedule.pack_sequences and not transformer_engine_available():
+            raise ValueError(
+                "config field schedule.pack_sequences: packed (THD) sequences need transformer-engine on a CUDA GPU "
+                "(Megatron's local attention has no THD path); install the gpu extra on a GPU machine, or set "
+                "schedule.pack_sequences=false")
         self.config, self.groups = config, groups
+        # micro-batches of different shapes: the pipeline stages exchange shapes first
+        self.variable_shapes = config.schedule.max_tokens_per_micro_batch is not None or config.schedule.pack_sequences
         self.arch = source.arch if source is not None else arch
         if self.arch is None:
             raise ValueError("ModelPasses needs a source checkpoint or, for a random initialisation, arch=")
@@ -74,12 +98,33 @@ class ModelPasses:
             check_mcore_source(config.model.mcore_dir, self.arch, padded, tp=groups.tp_size)
 
         self.policy = build_policy(self.arch, groups, config.optimizer, params_dtype=dtype, load_weights=load,
-                                   parallel=config.parallel)
+                                   parallel=config.parallel, variable_seq_lengths=self.variable_shapes)
         uses_reference = config.algorithm.uses_reference
-        self.reference = build_frozen(self.arch, groups, params_dtype=dtype, load_weights=load,
-                                      parallel=config.parallel) if uses_reference else None
+        self.reference = build_frozen(self.arch, groups, params_dtype=dtype, load_weights=load, parallel=config.parallel,
+                                      variable_seq_lengths=self.variable_shapes) if uses_reference else None
 
     # ------------------------------------------------------------------ plumbing
+
+    def _model_input(self, mb: MicroBatch, view: str) -> ModelInput:
+        """The "student" or "teacher" view of `mb`, packed under schedule.pack_sequences."""
+        teacher = view == "teacher"
+        tokens = mb.teacher_tokens if teacher else mb.tokens
+        positions = mb.teacher_positions if teacher else mb.positions
+        mask = mb.teacher_response_mask if teacher else mb.response_mask
+        if not self.config.schedule.pack_sequences:
+            return ModelInput(tokens, positions, mask)
+        sequence_multiple, row_multiple = packing_multiples(
+            tensor_parallel=self.groups.tp_size, sequence_parallel=self.config.parallel.sequence_parallel)
+        packed = pack_view(tokens, mask, (mb.teacher_lengths if teacher else mb.lengths).tolist(),
+                           sequence_multiple=sequence_multiple, row_multiple=row_multiple)
+        # Padding runs as tokens of the sequence it follows: causal attention keeps it out of
+        # every real token's context, and every position gets a defined output (a kernel may
+        # leave positions outside cu_seqlens unwritten; 0 · NaN would reach the weight gradients).
+        slots = packed.layout.cu_seqlens_padded.to(tokens.device)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=slots, cu_seqlens_kv=slots, cu_seqlens_q_padded=slots,
+                                 cu_seqlens_kv_padded=slots, max_seqlen_q=packed.layout.max_seqlen,
+                                 max_seqlen_kv=packed.layout.max_seqlen)
+        return ModelInput(packed.tokens, packed.positions, packed.response_mask, params)
 
     def _stats(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher=None) -> TokenStats:
         return vocab_parallel_token_stats(
@@ -94,23 +139,21 @@ class ModelPasses:
         states at the response positions, output weight, micro-batch)` per micro-batch."""
         module = getattr(model, "module", model)
         outputs: list[torch.Tensor] = []
-        teacher_view = view == "teacher"
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            tokens = mb.teacher_tokens if teacher_view else mb.tokens
-            positions = mb.teacher_positions if teacher_view else mb.positions
-            hidden = model(tokens, positions, None, return_hidden=True)
+            inputs = self._model_input(mb, view)
+            hidden = model(inputs.tokens, inputs.positions, None, packed_seq_params=inputs.packed_seq_params,
+                           return_hidden=True)
 
             def loss_func(hidden_states):
-                mask = mb.teacher_response_mask if teacher_view else mb.response_mask
-                states = response_states(hidden_states, mask)
+                states = response_states(hidden_states, inputs.response_mask)
                 outputs.append(collect(states, module.output_weight(), mb))
                 return hidden_states.sum() * 0.0, {}
 
             return hidden, loss_func
 
-        length = batch.teacher_length if teacher_view else batch.student_length
+        length = batch.teacher_length if view == "teacher" else batch.student_length
         forward_only(model, forward_step, iter(mbs), num_microbatches=len(mbs), seq_length=length,
                      micro_batch_size=mbs[0].tokens.shape[0])
         return outputs
@@ -169,9 +212,9 @@ class ModelPasses:
         rows_per_mb = mbs[0].tokens.shape[0]
         outputs = []
         if ids:
-            # the pipeline schedule sends [s, micro-batch, H] between stages: with PP every
-            # micro-batch is full, so the last is topped up with repeats (their rows dropped)
-            filler = -len(ids) % rows_per_mb if self.groups.pp_size > 1 else 0
+            # with PP and fixed shapes the stages exchange [s, micro-batch, H] of one size:
+            # the last micro-batch is topped up with repeats (their rows dropped)
+            filler = -len(ids) % rows_per_mb if self.groups.pp_size > 1 and not self.variable_shapes else 0
             budget = self.config.schedule.max_tokens_per_micro_batch
             teacher_mbs = micro_batches(batch, ids + ids[-1:] * filler, rows_per_mb, torch.zeros(len(batch.samples)),
                                         0, device=mbs[0].tokens.device, max_tokens=budget)
@@ -271,13 +314,15 @@ class ModelPasses:
 
         def forward_step(data_iterator, model):
             j, mb = next(data_iterator)
-            hidden = model(mb.tokens, mb.positions, None, return_hidden=True)
+            inputs = self._model_input(mb, "student")
+            hidden = model(inputs.tokens, inputs.positions, None, packed_seq_params=inputs.packed_seq_params,
+                           return_hidden=True)
 
             def loss_func(hidden_states):
                 num_tokens = torch.tensor(mb.num_tokens, dtype=torch.int)
                 if mb.num_tokens == 0:  # every response empty: nothing to learn, keep the graph
                     return hidden_states.sum() * 0.0, num_tokens, {}
-                states = response_states(hidden_states, mb.response_mask)
+                states = response_states(hidden_states, inputs.response_mask)
                 teacher_j = teacher[j] if teacher is not None else None
                 reference_j = None if reference is None else reference[j]
                 old_j = mb.rollout_logprobs if old is None else old[j]

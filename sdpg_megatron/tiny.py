@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thinking", action="store_true",
                         help="Qwen3's thinking layout: <think>worked solution</think> then the boxed answer")
     args = parser.parse_args(argv)
+    from sdpg_megatron.cli_paths import output_dir
+
+    try:
+        output_dir(args.out, "--out")
+    except OSError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
     tiny = make_tiny_policy(args.out, replace(demo_settings(args.sft_steps), thinking=args.thinking))

@@ -13,7 +13,8 @@ Each step: prompts from a seeded stream → fleet generates G responses → veri
 [→ more prompts while dynamic sampling drops uninformative groups] → [π_old forward]
 [→ reference forward] → advantages → per PPO mini-batch: [teacher forward] then student
 forward/backward with the fused vocab-parallel loss and an optimizer step → weight push →
-metrics, evaluation, checkpoint.
+metrics, evaluation, checkpoint. With rollout.mode=one_step_off the next step's rollout runs
+on the driver beside this step's passes, and the push waits for it (driver.py).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class Trainer:
         self.driver = None
 
         def start_driver():
-            self.driver = Driver(config, fleet, self.start_step, prompt_position=(state or {}).get("prompt_position"))
+            self.driver = Driver(config, fleet, self.start_step, prompt_position=(state or {}).get("prompt_position"),
+                                 ahead=(state or {}).get("driver_state"))
 
         self._from_driver(start_driver)
         self._push_weights()  # the engines serve exactly the trainer's weights from the first step
@@ -105,8 +107,8 @@ class Trainer:
         started = time.perf_counter()
         driver_metrics = {}
 
-        def rollout():
-            batch, metrics = self.driver.rollout(step, timer)
+        def rollout():  # one_step_off: also starts generating the next step's batch
+            batch, metrics = self.driver.next_batch(step, timer)
             driver_metrics.update(metrics)
             return batch
 
@@ -148,6 +150,7 @@ class Trainer:
                     old=None if old is None else old[m],
                     gated_token_scale=_gated_token_scale(batch, advantages, m, num_minibatches)
                     if cfg.algorithm.loss_tokens == "gated" else 1.0))
+        self._from_driver(lambda: self.driver.finish_generation(timer))  # before the engines change weights
         with timer("sync"):
             push = self._push_weights()
 
@@ -207,6 +210,7 @@ class Trainer:
         buckets = hf_buckets(
             self.passes.policy.module, self.arch, self.groups,
             bucket_bytes=self.config.rollout.bucket_bytes, dtype=getattr(torch, self.config.rollout.dtype),
+            allocate=self.driver.fleet.bucket_allocator() if self.is_driver else None,
         )
         if not self.is_driver:
             for _ in buckets:  # non-driver ranks take part in the gathers and sends
@@ -226,11 +230,12 @@ class Trainer:
     def _save(self, step: int) -> None:
         from sdpg_megatron.checkpoint import save_checkpoint
 
-        state = {"step": step, "config": config_to_dict(self.config)}
-        if self.driver is not None:  # rank 0 writes the trainer state
-            state["prompt_position"] = self.driver.prompts.position
+        state, ahead = {"step": step, "config": config_to_dict(self.config)}, None
+        if self.driver is not None:  # rank 0 writes the trainer state (and one_step_off's next batch)
+            state["prompt_position"] = self.driver.trained_prompt_position
+            ahead = self.driver.saved_ahead()
         path = save_checkpoint(self.checkpoint_dir, step, self.passes.policy, self.groups, state,
-                               keep_last=self.config.checkpoint.keep_last)
+                               keep_last=self.config.checkpoint.keep_last, driver_state=ahead)
         if self.is_driver:
             logger.info("step %d: checkpoint %s", step, path)
 

@@ -404,10 +404,13 @@ def test_weight_transport_setting():
     config = cfg.apply_overrides(cfg.Config(), ["rollout.weight_transport=nccl", "rollout.gpus_per_engine=1"])
     assert config.rollout.weight_transport == "nccl"
     cfg.validate(config.rollout)
-    with pytest.raises(ValueError, match="rollout.weight_transport: must be 'gloo' or 'nccl'"):
+    assert cfg.Config().rollout.weight_transport == "auto"
+    with pytest.raises(ValueError, match="rollout.weight_transport: must be one of"):
         cfg.validate(cfg.RolloutConfig(weight_transport="tcp"))
     with pytest.raises(ValueError, match="needs GPU engines"):
         cfg.validate(cfg.RolloutConfig(weight_transport="nccl"))
+    with pytest.raises(ValueError, match="'cuda_ipc' needs GPU engines"):
+        cfg.validate(cfg.RolloutConfig(weight_transport="cuda_ipc"))
     with pytest.raises(ValueError, match="rollout.gpus_per_engine: an engine's 2 TP workers need one GPU each"):
         cfg.validate(cfg.RolloutConfig(engine_tensor_parallel=2, gpus_per_engine=1))
 

@@ -2,16 +2,18 @@
 padded only to its own longest row (`schedule.max_tokens_per_micro_batch`).
 
 The loss is a token sum normalised by the mini-batch's token count, so regrouping samples
-must not change the step: at TP2 and DP2 (2 gloo ranks) one SDPG update with the π_old
+must not change the step: at TP2, DP2 and PP2 (2 gloo ranks) one SDPG update with the π_old
 recompute and the teacher on the gated samples only gives the same loss, metrics,
-gradient norm and weights as micro-batches of two padded to the step's longest sequence.
-Pipeline parallelism needs equal shapes between stages: the config refuses the budget there.
+gradient norm and weights (every stage's) as micro-batches of two padded to the step's
+longest sequence. Under PP the stages exchange each micro-batch's activation shape first
+(Megatron's `variable_seq_lengths`), so micro-batches differ in length and in rows.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.distributed import last_stage_report as _last, run_distributed
 
@@ -54,18 +56,20 @@ def test_token_budget_groups_cover_every_sample_within_the_budget():
     assert [mb.tokens.shape[1] % 8 for mb in mbs] == [0] * len(mbs)
 
 
-def test_pipeline_parallel_refuses_the_budget():
+def test_pipeline_parallel_takes_the_budget():
     from sdpg_megatron.config import Config, validate
 
     config = Config()
     config.model.hf_dir, config.data.train_files = "m", ("t.parquet",)
     config.schedule.max_tokens_per_micro_batch = 4096
     config.parallel.pipeline_parallel = 2
-    with pytest.raises(ValueError, match="max_tokens_per_micro_batch.*pipeline_parallel=1"):
+    assert validate(config).schedule.max_tokens_per_micro_batch == 4096
+    config.schedule.max_tokens_per_micro_batch = 4
+    with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
         validate(config)
 
 
-def _step(tp: int, budget: int | None) -> dict:
+def _step(tp: int, pp: int, budget: int | None) -> dict:
     from sdpg_megatron.algo import teacher_sample_mask
     from sdpg_megatron.config import Config
     from sdpg_megatron.presets import sdpg_urkl
@@ -74,7 +78,7 @@ def _step(tp: int, budget: int | None) -> dict:
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
     from sdpg_megatron.passes import ModelPasses
 
-    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=1, seed=0)
+    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=0)
     try:
         config = Config()
         config.algorithm = sdpg_urkl()
@@ -93,7 +97,9 @@ def _step(tp: int, budget: int | None) -> dict:
         teacher = passes.teacher_states(batch, mbs, teacher_sample_mask(config.algorithm, advantages, 1, 10))
         result = passes.train(batch, mbs, 1, teacher, None, first_minibatch=True, old=old)
         weights = torch.cat([p.detach().flatten() for p in passes.policy.module.parameters()]).double()
-        report = {"grad_norm": result.grad_norm, "weights_sum": weights.sum().item(), "weights_abs": weights.abs().sum().item(),
+        weight_sums = torch.stack([weights.sum(), weights.abs().sum()])
+        dist.all_reduce(weight_sums)  # every rank's shards and stages
+        report = {"grad_norm": result.grad_norm, "weights_sum": weight_sums[0].item(), "weights_abs": weight_sums[1].item(),
                   "last": groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0,
                   "computed": sum(mb.tokens.numel() for mb in mbs), "micro_batches": len(mbs)}
         report["metrics"] = passes.reduce_metrics([result])  # token-weighted means over the step (collective)
@@ -104,7 +110,8 @@ def _step(tp: int, budget: int | None) -> dict:
 
 def _worker(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
-    return {f"tp{tp}/{name}": _step(tp, budget) for tp in (2, 1) for name, budget in (("padded", None), ("budget", BUDGET))}
+    return {f"tp{tp}pp{pp}/{name}": _step(tp, pp, budget) for tp, pp in ((2, 1), (1, 1), (1, 2))
+            for name, budget in (("padded", None), ("budget", BUDGET))}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +119,7 @@ def reports():
     return run_distributed(_worker, 2, timeout_s=600)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp1"])  # tp1: DP2
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp1", "tp1pp2"])  # tp1pp1: DP2
 def test_dynamic_batching_gives_the_same_step(reports, layout):
     padded, budget = _last(reports, f"{layout}/padded"), _last(reports, f"{layout}/budget")
     assert budget["micro_batches"] != padded["micro_batches"] or budget["computed"] < padded["computed"]

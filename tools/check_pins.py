@@ -431,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     target, path = Target(args.python_version, args.machine, args.glibc), Path(args.requirements)
     try:
         pins = parse_requirements(path.read_text(), str(path)) + [parse_pin(t, "--also") for t in args.also]
-    except (OSError, PinError) as exc:
+    except OSError as exc:
+        print(f"error: requirements file {path}: {exc.strerror}; pass an existing requirements file of exact pins",
+              file=sys.stderr)
+        return 2
+    except PinError as exc:
         print(f"error: {exc}; pass an existing requirements file of exact pins", file=sys.stderr)
         return 2
     pip = Pip(shlex.split(args.pip), args.keep_pip_constraints)

@@ -26,12 +26,15 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     args = parser.parse_args(argv)
 
+    from sdpg_megatron.cli_paths import input_dir, output_dir
     from sdpg_megatron.model.convert import hf_to_mcore, parse_dtype
 
     try:
+        input_dir(args.hf_dir, "--hf-dir", what="a Hugging Face Qwen3 directory (config.json + safetensors)")
+        output_dir(args.out, "--out")
         stats = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp,
                             dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+    except (ValueError, OSError, KeyError) as error:
         print(f"hf_to_mcore: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {stats['tensors']} chunks, {stats['bytes'] / 2**20:.1f} MiB in "

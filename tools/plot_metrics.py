@@ -54,6 +54,13 @@ def main(argv=None) -> int:
     if args.last < 1:
         parser.error(f"argument --last: must be >= 1, got {args.last}")
 
+    from sdpg_megatron.cli_paths import output_file
+
+    try:
+        output_file(args.out, "--out")
+    except OSError as error:
+        parser.error(str(error))
+
     from sdpg_megatron.plotting import plot_runs, summarize_runs
 
     try:

@@ -15,7 +15,8 @@ the previous --out, or none, never half a file). It prints the counts and, with 
 writes them as JSON.
 
 Exit codes: 0 written; 1 nothing to write (no problem kept); 2 an input is missing or not a
-DAPO-schema parquet, or --out is a directory; 130 interrupted (nothing written).
+DAPO-schema parquet, or --out / --report cannot be written (a directory, or in
+one this user cannot write); 130 interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -164,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             return fail(f"--input {path}: no such file; download the DAPO-Math-17k "
                         "parquet (Hugging Face dataset BytedTsinghua-SIA/DAPO-Math-17k) or fix the path")
-    if args.out.is_dir():
-        return fail(f"--out {args.out} is a directory; give the output parquet's file name")
-    if args.report is not None and args.report.is_dir():
-        return fail(f"--report {args.report} is a directory; give the JSON file's name")
+    from sdpg_megatron.cli_paths import output_file
+
+    try:  # before reading anything: an output that cannot be written fails now, not after the read
+        output_file(args.out, "--out")
+        if args.report is not None:
+            output_file(args.report, "--report")
+    except OSError as error:
+        return fail(str(error))
 
     from sdpg_megatron.fsio import write_json_atomic
 

@@ -222,9 +222,9 @@ def agreement(num_tokens: int, hidden: int, rows: int) -> dict:
             result[prefix + k] <= v and result[prefix + k + "_finite"] for k, v in bounds.items())
         if not result[prefix + "within_bounds"]:
             print(f"!!! {fast_name} DISAGREES with the torch oracle:", result, flush=True)
-    from sdpg_megatron.parallel import vocab_parallel
+    from sdpg_megatron.parallel.chunks import fp32_output_gemms
 
-    result["fp32_output_gemms"] = dict(vocab_parallel._fp32_output)
+    result["fp32_output_gemms"] = fp32_output_gemms()
     return result
 
 

@@ -19,6 +19,13 @@
 #   TP PP             the trainer's tensor / pipeline parallel sizes
 #   the flag arrays MODEL_ARGS PARALLEL_ARGS ALGO_ARGS SCHEDULE_ARGS ROLLOUT_ARGS
 #                   DATA_ARGS EVAL_ARGS CHECKPOINT_ARGS (any `--set section.field=value`)
+#   PREPARE           optional: the arguments of $PYTHON that make the model when
+#                     $HF_DIR/config.json is missing (the tiny script's warm start)
+#
+# The Python is chosen here, once, for every script: $PYTHON if set; else the environment
+# $SDPG_VENV names; else the repository's own .venv (what tools/install.sh, `make demo`
+# and `make test` build); else `python` on PATH. One that cannot import torch,
+# megatron.core and sdpg_megatron stops the script with that message.
 #
 # Resubmitting the same script resumes from the newest complete checkpoint in
 # $OUT_DIR/checkpoints (the trainer finds it); a job preempted or near its time limit is
@@ -32,11 +39,24 @@ TRAIN_ARGS=(
   "${ROLLOUT_ARGS[@]}" "${DATA_ARGS[@]}" "${EVAL_ARGS[@]}" "${CHECKPOINT_ARGS[@]}"
 )
 TRAIN_WORLD_SIZE=$((TRAIN_NODES * TRAIN_GPUS_PER_NODE))
-# The environment tools/install.sh made (or any python with the package installed).
-# Without PYTHON or SDPG_VENV, the repository's own .venv (what `make demo` / `make test` made).
+# The Python (see the header); the repository is importable from any working directory.
 if [[ -z ${SDPG_VENV:-} && -z ${PYTHON:-} && -x $SDPG_ROOT/.venv/bin/python ]]; then SDPG_VENV=$SDPG_ROOT/.venv; fi
-if [[ -n ${SDPG_VENV:-} ]]; then source "$SDPG_VENV/bin/activate"; fi
+if [[ -n ${SDPG_VENV:-} ]]; then
+  if [[ ! -f $SDPG_VENV/bin/activate ]]; then
+    echo "sdpg_job: SDPG_VENV=$SDPG_VENV is not a virtual environment (no bin/activate); run tools/install.sh" >&2
+    exit 2
+  fi
+  source "$SDPG_VENV/bin/activate"
+fi
 PYTHON=${PYTHON:-python}
+export PYTHONPATH="$SDPG_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+FIND_MODULES='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("torch", "megatron.core", "sdpg_megatron")))'
+if ! "$PYTHON" -c "$FIND_MODULES" 2>/dev/null; then
+  echo "sdpg_job: PYTHON=$PYTHON ($(command -v "$PYTHON" || echo "not found")) cannot import torch, megatron.core" \
+       "and sdpg_megatron; build $SDPG_ROOT/.venv with \`bash tools/install.sh\` (or \`make demo\`), or set" \
+       "SDPG_VENV=/path/to/venv or PYTHON=/path/to/python" >&2
+  exit 2
+fi
 
 # ---------------------------------------------------------------- 1. dry run / submit
 # The resolved config, the parallel layout and the per-GPU memory arithmetic, checked
@@ -49,8 +69,8 @@ fi
 [[ -n $ARCH ]] && DRY_RUN+=(--arch "$ARCH")
 prepare_model() {  # scripts that make their own model (the tiny one) do it where it is first needed
   if [[ -n ${PREPARE+x} && ! -f $HF_DIR/config.json ]]; then
-    echo "sdpg_job: $HF_DIR does not exist yet: ${PREPARE[*]}"
-    "$@" "${PREPARE[@]}"
+    echo "sdpg_job: $HF_DIR does not exist yet: $PYTHON ${PREPARE[*]}"
+    "$@" "$PYTHON" "${PREPARE[@]}"
   fi
 }
 if [[ ${1:-} == --print-config ]]; then  # no model, no data, no GPUs needed

@@ -5,7 +5,9 @@ HF safetensors are read tensor by tensor, combined through the one mapping table
 (`hf_mapping`), and written by `mcore_checkpoint.stream_save`; the way back loads one
 parameter at a time and streams size-bounded safetensors shards. The Megatron checkpoint
 records the architecture and its vocabulary padding in `sdpg_model.json`, so any layout
-can load it (the padding fixes which TP sizes divide it).
+can load it (the padding fixes which TP sizes divide it). The way back reads the trainer's
+own checkpoints too (`write_hf_from_mcore`; `sdpg_megatron/export.py` finds their
+architecture through the run's config).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def hf_to_mcore(
 
         info = {"arch": dataclasses.asdict(arch), "padded_vocab": padded_vocab, "dtype": str(dtype).removeprefix("torch."),
                 "converted_for": {"tensor_parallel": tp, "pipeline_parallel": pp}, "source": str(Path(hf_dir).resolve())}
-        extra_files = {MODEL_INFO: json.dumps(info, indent=2).encode(), **_assets(Path(hf_dir))}
+        extra_files = {MODEL_INFO: json.dumps(info, indent=2).encode(),
+                       **{f"{HF_ASSETS}/{name}": data for name, data in hf_asset_files(hf_dir).items()}}
         stats = stream_save(meta, {name: producer(name) for name in names}, out_dir, overwrite=overwrite,
                             extra_files=extra_files)
         bar.close()
@@ -101,13 +104,37 @@ def mcore_to_hf(
     max_shard_bytes: int = 2 * 2**30,
     progress: bool = True,
 ) -> Path:
-    """Write a Megatron checkpoint (any layout it was saved at) as a Hugging Face directory."""
+    """Write a converted Megatron checkpoint (tools/hf_to_mcore.py's output, any layout it
+    was saved at) as a Hugging Face directory. Training checkpoints: `sdpg_megatron.export`."""
     arch, padded_vocab, saved_dtype = read_model_info(mcore_dir)
+    assets = Path(mcore_dir) / HF_ASSETS
+    extra_files = {p.name: p.read_bytes() for p in sorted(assets.iterdir())} if assets.is_dir() else {}
+    return write_hf_from_mcore(mcore_dir, out_dir, arch, padded_vocab, dtype=dtype or saved_dtype,
+                               overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress,
+                               extra_files=extra_files)
+
+
+def write_hf_from_mcore(
+    mcore_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    arch: Qwen3Arch,
+    padded_vocab: int,
+    *,
+    dtype: torch.dtype,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 2**30,
+    progress: bool = True,
+    extra_config: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """The model tensors of any torch_dist checkpoint of `arch` (converted, or written by
+    the trainer) as a Hugging Face directory in `dtype`, with `extra_files` (tokenizer,
+    generation config) beside them and `extra_config` merged into config.json."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds files; pass --overwrite to replace it")
     with _megatron_process_group():
-        meta = _meta_model(arch, padded_vocab, saved_dtype)
+        meta = _meta_model(arch, padded_vocab, dtype)
         total = sum(1 for _ in meta.named_parameters())
 
         def hf_tensors():
@@ -116,10 +143,8 @@ def mcore_to_hf(
                 hf_names, kind = find_rule(arch, global_name(name, 0))
                 yield from zip(hf_names, to_hf(kind, tensor, arch))
 
-        assets = Path(mcore_dir) / HF_ASSETS
-        extra_files = {p.name: p.read_bytes() for p in sorted(assets.iterdir())} if assets.is_dir() else {}
-        return write_hf_checkpoint(out_dir, arch, hf_tensors(), dtype=dtype or saved_dtype,
-                                   max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra_files=extra_files)
+        return write_hf_checkpoint(out_dir, arch, hf_tensors(), dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                   overwrite=overwrite, extra_config=extra_config, extra_files=extra_files)
 
 
 def read_model_info(mcore_dir: str | os.PathLike) -> tuple[Qwen3Arch, int, torch.dtype]:
@@ -127,7 +152,8 @@ def read_model_info(mcore_dir: str | os.PathLike) -> tuple[Qwen3Arch, int, torch
     if not is_checkpoint(mcore_dir):
         raise FileNotFoundError(f"{mcore_dir} is not a Megatron distributed checkpoint (no metadata.json)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: was this checkpoint written by tools/hf_to_mcore.py or the trainer?")
+        raise FileNotFoundError(f"{path} not found: {mcore_dir} is not tools/hf_to_mcore.py output (a training "
+                                f"checkpoint is exported with tools/mcore_to_hf.py, which reads its run's config)")
     info = json.loads(path.read_text())
     return Qwen3Arch(**info["arch"]), int(info["padded_vocab"]), getattr(torch, info["dtype"])
 
@@ -188,11 +214,12 @@ def _hf_dtype(config: dict) -> torch.dtype:
     return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
 
 
-def _assets(hf_dir: Path) -> dict[str, bytes]:
-    """Tokenizer and generation files of the HF directory, to restore on the way back."""
+def hf_asset_files(hf_dir: str | os.PathLike) -> dict[str, bytes]:
+    """Tokenizer and generation files of a Hugging Face directory (file name → bytes):
+    what an exported directory needs beside its config.json and weights."""
     return {
-        f"{HF_ASSETS}/{path.name}": path.read_bytes()
-        for path in sorted(hf_dir.iterdir())
+        path.name: path.read_bytes()
+        for path in sorted(Path(hf_dir).iterdir())
         if path.is_file() and path.suffix in _ASSET_SUFFIXES
         and path.name not in ("config.json", "model.safetensors.index.json")
     }

@@ -258,8 +258,12 @@ def stream_load(meta_model: torch.nn.Module, checkpoint_dir: str | os.PathLike) 
     layer of a stacked key, or a whole unstacked tensor) is assembled from whatever chunks
     the checkpoint holds, so a checkpoint saved at any TP/PP layout reads the same.
     Megatron's own `load` cannot do this: it insists on every layer of a key at once.
+    Any checkpoint of the model's tensors reads: a converted one, or a training checkpoint
+    (whose optimizer state is simply not read). Every tensor's global shape is checked
+    against the model's before the first one is read.
     """
     reader = _ChunkReader(checkpoint_dir)
+    entries = []
     for name, value in meta_model.sharded_state_dict().items():
         if isinstance(value, ShardedTensorFactory):
             parts = _as_list(value.build())  # TP1: gate and up halves of the fused fc1
@@ -267,6 +271,9 @@ def stream_load(meta_model: torch.nn.Module, checkpoint_dir: str | os.PathLike) 
             parts = [value]
         else:
             continue
+        entries.append((name, parts))
+    reader.check_shapes([part for _, parts in entries for part in parts])
+    for name, parts in entries:
         regions = [reader.region(part.key, part.global_offset, part.prepend_axis_num, part.local_shape)
                    for part in parts]
         yield name, torch.cat(regions, dim=0) if len(regions) > 1 else regions[0]
@@ -282,6 +289,20 @@ class _ChunkReader:
             )
         self.path = Path(checkpoint_dir)
         self.metadata = FileSystemReader(str(self.path)).read_metadata()
+
+    def check_shapes(self, parts: list[ShardedTensor]) -> None:
+        """ValueError naming the tensors the checkpoint lacks or holds in another global
+        shape (a larger stored tensor would otherwise read as a slice of itself)."""
+        stored = self.metadata.state_dict_metadata
+        missing = sorted({part.key for part in parts if part.key not in stored})
+        wrong = sorted({f"{part.key}: {tuple(stored[part.key].size)} in the checkpoint, {tuple(part.global_shape)} "
+                        f"in the model" for part in parts
+                        if part.key in stored and tuple(stored[part.key].size) != tuple(part.global_shape)})
+        if missing or wrong:
+            problems = [f"no tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}"] if missing else []
+            problems += wrong[:3]
+            raise ValueError(f"{self.path} does not hold this model's tensors ({'; '.join(problems)}); is the "
+                             f"architecture (config.json) the one it was trained or converted with?")
 
     def region(self, key: str, offsets, prepend_axes: int, local_shape) -> torch.Tensor:
         """The tensor at `offsets` of shape (1,)*prepend_axes + local_shape, without the

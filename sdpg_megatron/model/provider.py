@@ -7,7 +7,9 @@ post_process, vp_stage)` contract expects (bind the rest with functools.partial)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import math
 
 import torch
@@ -18,9 +20,43 @@ from sdpg_megatron.experience import SEQUENCE_MULTIPLE
 from sdpg_megatron.model.qwen3 import Qwen3Arch
 from sdpg_megatron.parallel.vocab_parallel import padded_vocab_size
 
+logger = logging.getLogger(__name__)
+
 
 def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def resolve_transformer_engine(use_transformer_engine: bool | None) -> bool:
+    """Whether to build TE's layer spec. None: when TE is usable; on a GPU without TE that
+    is Megatron's local spec, logged once with the fix (on CPU it is the only spec and
+    says nothing). True without TE on a GPU: ValueError."""
+    if use_transformer_engine is None:
+        if transformer_engine_available():
+            return True
+        if torch.cuda.is_available():
+            _warn_once(
+                "transformer-engine is not installed on this GPU machine, so the model is built with Megatron's "
+                "local layer spec: unfused attention that keeps every layer's [s, s] attention scores, unfused "
+                "norms, slower throughout, and more activation memory than the launch planner "
+                "(sdpg_megatron/layout.py, which models TE's fused attention for bf16) budgets for; "
+                "schedule.pack_sequences is refused. Fix: install the GPU stack's transformer-engine "
+                "(requirements/gpu.txt; README.md, GPU install)."
+            )
+        return False
+    if use_transformer_engine and not transformer_engine_available():
+        raise ValueError(
+            "use_transformer_engine=True needs transformer-engine on a CUDA machine "
+            f"(installed: {importlib.util.find_spec('transformer_engine') is not None}, "
+            f"CUDA: {torch.cuda.is_available()}); install the GPU stack's transformer-engine "
+            "(requirements/gpu.txt), or pass use_transformer_engine=False for Megatron's local spec"
+        )
+    return bool(use_transformer_engine)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def transformer_config(
@@ -33,11 +69,14 @@ def transformer_config(
     recompute_granularity: str = "none",
     recompute_method: str = "uniform",
     recompute_num_layers: int = 1,
+    variable_seq_lengths: bool = False,
 ) -> TransformerConfig:
     """Qwen3: GQA, QK RMSNorm, RMSNorm, SwiGLU, RoPE, no biases, explicit head_dim.
 
     recompute_*: `ParallelConfig`'s activation recomputation ("none", "selective" = core
-    attention, "full" = whole layers by `recompute_method` in units of `recompute_num_layers`)."""
+    attention, "full" = whole layers by `recompute_method` in units of `recompute_num_layers`).
+    variable_seq_lengths: micro-batches differ in shape (dynamic batching, packed
+    sequences); the pipeline schedule then sends each activation's shape before it."""
     check_layout(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
     check_recompute(arch, pipeline_parallel=pipeline_parallel, granularity=recompute_granularity,
                     method=recompute_method, num_layers=recompute_num_layers)
@@ -79,6 +118,10 @@ def transformer_config(
         recompute_granularity=None if recompute_granularity == "none" else recompute_granularity,
         recompute_method=recompute_method if full else None,
         recompute_num_layers=recompute_num_layers if full else None,
+        variable_seq_lengths=variable_seq_lengths,
+        # Megatron refuses variable_seq_lengths with its default MoE dispatcher ("allgather")
+        # even for dense models; Qwen3 dense builds no dispatcher, so the choice changes nothing
+        moe_token_dispatcher_type="alltoall" if variable_seq_lengths else "allgather",
     )
 
 
@@ -152,7 +195,8 @@ def divisors(value: int) -> list[int]:
 
 
 def layer_spec(use_transformer_engine: bool | None = None):
-    """TE spec when transformer-engine is usable (GPU), Megatron's local spec otherwise.
+    """TE spec when transformer-engine is usable (GPU), Megatron's local spec otherwise
+    (`resolve_transformer_engine`: a GPU without TE says so once).
 
     Both hold the same weights; only the TE spec fuses the norms into the next linear
     (see `hf_mapping.te_alias`). The local spec's norms are `RMSNorm` below (Megatron's
@@ -160,9 +204,7 @@ def layer_spec(use_transformer_engine: bool | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
-    if use_transformer_engine:
+    if resolve_transformer_engine(use_transformer_engine):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     layer = spec.submodules
@@ -193,8 +235,7 @@ def block_spec(config: TransformerConfig, use_transformer_engine: bool | None = 
     spec the final norm as `RMSNorm` too (Megatron would pick its own wrapper)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
+    use_transformer_engine = resolve_transformer_engine(use_transformer_engine)
     spec = layer_spec(use_transformer_engine)
     if use_transformer_engine:
         return spec

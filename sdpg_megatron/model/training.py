@@ -55,12 +55,15 @@ def build_policy(
     params_dtype: torch.dtype = torch.float32,
     load_weights: Callable[[PolicyGPTModel], None] | None = None,
     parallel: ParallelConfig | None = None,
+    variable_seq_lengths: bool = False,
 ) -> TrainableModel:
     """The trainable policy at this rank's layout; `load_weights` runs before DDP wraps
     the parameters and the optimizer copies them. `parallel`: the config section whose
     sequence_parallel and recompute_* fields apply (None: neither; TP and PP come from
-    `groups`)."""
-    config = _transformer_config(arch, groups, params_dtype, parallel, training=True)
+    `groups`). `variable_seq_lengths`: micro-batches of different shapes (see
+    `transformer_config`)."""
+    config = _transformer_config(arch, groups, params_dtype, parallel, training=True,
+                                 variable_seq_lengths=variable_seq_lengths)
     config.calculate_per_token_loss = True
     module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))
     if load_weights is not None:
@@ -114,10 +117,12 @@ def build_frozen(
     params_dtype: torch.dtype = torch.float32,
     load_weights: Callable[[PolicyGPTModel], None] | None = None,
     parallel: ParallelConfig | None = None,
+    variable_seq_lengths: bool = False,
 ) -> PolicyGPTModel:
     """A model with no gradients and no optimizer (the reference policy π_ref), with the
     policy's sequence parallelism (no recomputation: it only runs forward)."""
-    config = _transformer_config(arch, groups, params_dtype, parallel, training=False)
+    config = _transformer_config(arch, groups, params_dtype, parallel, training=False,
+                                 variable_seq_lengths=variable_seq_lengths)
     module = _on_device(model_provider(arch, config, pre_process=groups.is_first_stage, post_process=groups.is_last_stage))
     if load_weights is not None:
         load_weights(module)
@@ -126,13 +131,14 @@ def build_frozen(
     return module
 
 
-def _transformer_config(arch, groups, params_dtype, parallel: ParallelConfig | None, *, training: bool):
+def _transformer_config(arch, groups, params_dtype, parallel: ParallelConfig | None, *, training: bool,
+                        variable_seq_lengths: bool):
     parallel = parallel or ParallelConfig()
     recompute = {"recompute_granularity": parallel.recompute_granularity, "recompute_method": parallel.recompute_method,
                  "recompute_num_layers": parallel.recompute_num_layers} if training else {}
     return transformer_config(
         arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype,
-        sequence_parallel=parallel.sequence_parallel, **recompute,
+        sequence_parallel=parallel.sequence_parallel, variable_seq_lengths=variable_seq_lengths, **recompute,
     )
 
 

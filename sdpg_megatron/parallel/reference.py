@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sdpg_megatron.parallel.vocab_parallel import TokenStats
+from sdpg_megatron.parallel.chunks import TokenStats
 
 
 def naive_token_stats(

@@ -12,7 +12,8 @@ is: `algo.token_terms`), the gradient can be taken while a chunk's logits are st
 
 4 GEMMs, at the price of holding a chunk's logits. The row reductions run as Triton kernels
 on the GPU (`triton_rows.py`) and in torch elsewhere (`_TorchRows`, also their oracle); the
-statistics' merge, collectives and ∂z coefficients are `vocab_parallel.py`'s.
+statistics' merge, collectives and ∂z coefficients are `chunks.py`'s, the backend choice
+`vocab_parallel.resolve_backend`'s.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from sdpg_megatron.parallel.vocab_parallel import (
+from sdpg_megatron.parallel.chunks import (
     TokenStats,
-    _accumulate_fp32,
-    _chunk_logits,
-    _compute_weight,
-    _finish_stats,
-    _logit_coefficients,
-    _owned_target_rows,
-    _prepare,
-    _product_fp32,
+    accumulate_fp32,
+    chunk_logits,
+    compute_weight,
+    finish_stats,
+    logit_coefficients,
+    owned_target_rows,
+    prepare,
+    product_fp32,
 )
+from sdpg_megatron.parallel.vocab_parallel import resolve_backend
 
 
 # The single pass's chunk on CUDA: a fixed token count, so that its [chunk, V/tp] buffers are
@@ -98,13 +100,14 @@ def vocab_parallel_token_loss(
     """
     if chunk_size is None and student_hidden.device.type == "cuda":
         chunk_size = _SINGLE_PASS_CHUNK_TOKENS[bool(fp32_grad_weight)]
-    prepared = _prepare(student_hidden, weight_shard, target_ids, teacher_hidden, group=group, vocab_size=vocab_size,
-                        temperature=temperature, chunk_size=chunk_size, mask=mask, validate=validate, backend=backend,
-                        chunk_bytes=_SINGLE_PASS_CHUNK_BYTES, buffers=1 if teacher_hidden is None else 2)
+    prepared = prepare(student_hidden, weight_shard, target_ids, teacher_hidden, group=group, vocab_size=vocab_size,
+                       temperature=temperature, chunk_size=chunk_size, mask=mask, validate=validate,
+                       chunk_bytes=_SINGLE_PASS_CHUNK_BYTES, buffers=1 if teacher_hidden is None else 2)
+    backend = resolve_backend(backend, student_hidden)
     loss, logprobs, entropy, reverse_kl = _SinglePassTokenLoss.apply(
         student_hidden, weight_shard, prepared.targets, prepared.mask,
         None if teacher_hidden is None else teacher_hidden.detach(), token_loss,
-        group, prepared.vocab_start, prepared.valid_rows, float(temperature), prepared.chunk_size, prepared.backend,
+        group, prepared.vocab_start, prepared.valid_rows, float(temperature), prepared.chunk_size, backend,
         bool(fp32_grad_weight),
     )
     return loss, TokenStats(logprobs, entropy, reverse_kl if teacher_hidden is not None else None)
@@ -123,8 +126,8 @@ class _SinglePassTokenLoss(torch.autograd.Function):
         device = student_hidden.device
         target_local = targets - vocab_start
         owns_target = (target_local >= 0) & (target_local < valid_rows)
-        target_rows = _owned_target_rows(target_local, owns_target)
-        weight = _compute_weight(weight_shard, valid_rows)
+        target_rows = owned_target_rows(target_local, owns_target)
+        weight = compute_weight(weight_shard, valid_rows)
         row_ops = _triton_rows() if backend == "triton" else _TorchRows
 
         grad_hidden = torch.empty(num_tokens, hidden_size, dtype=torch.float32, device=device)
@@ -140,22 +143,22 @@ class _SinglePassTokenLoss(torch.autograd.Function):
         def finish_stage(first: int, last: int) -> None:
             """∂h of the staged tokens [first, last), and their share of ∂W."""
             grad_logits = staged_grads[: last - first]
-            _product_fp32(grad_logits, weight, out=grad_hidden[first:last])
+            product_fp32(grad_logits, weight, out=grad_hidden[first:last])
             hidden = student_hidden[first:last].detach().to(weight.dtype)
             if fp32_grad_weight:
-                _accumulate_fp32(grad_weight[:valid_rows], grad_logits.t(), hidden)
+                accumulate_fp32(grad_weight[:valid_rows], grad_logits.t(), hidden)
             else:  # fp32 inside the GEMM, one rounding to the weight's dtype per stage
                 torch.addmm(grad_weight[:valid_rows], grad_logits.t(), hidden, out=grad_weight[:valid_rows])
 
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, min(start + chunk_size, num_tokens))
             count = rows.stop - rows.start
-            student_logits = _chunk_logits(student_hidden[rows], weight, temperature, out=logits[0, :count])
+            student_logits = chunk_logits(student_hidden[rows], weight, temperature, out=logits[0, :count])
             teacher_logits = None
             if with_teacher:
-                teacher_logits = _chunk_logits(teacher_hidden[rows], weight, temperature, out=logits[1, :count])
+                teacher_logits = chunk_logits(teacher_hidden[rows], weight, temperature, out=logits[1, :count])
             local_max, partials = row_ops.row_partials(student_logits, teacher_logits, target_rows[rows])
-            logprobs, entropy, reverse_kl, student_log_z, teacher_log_z = _finish_stats(
+            logprobs, entropy, reverse_kl, student_log_z, teacher_log_z = finish_stats(
                 local_max, partials, group, mask[rows], with_teacher)
 
             # the caller's loss on this chunk, and its gradient w.r.t. the statistics
@@ -171,7 +174,7 @@ class _SinglePassTokenLoss(torch.autograd.Function):
             g_lp, g_h, g_kl = (zero if g is None else torch.where(mask[rows], g.float(), zero) for g in upstream)
             if not with_teacher:
                 g_kl = zero
-            coef_logp, constant = _logit_coefficients(g_lp, g_h, g_kl, entropy, reverse_kl)
+            coef_logp, constant = logit_coefficients(g_lp, g_h, g_kl, entropy, reverse_kl)
             coefficients = torch.stack([
                 student_log_z, zero if teacher_log_z is None else teacher_log_z, coef_logp, g_kl, constant,
                 torch.where(owns_target[rows], g_lp, zero),

@@ -1,9 +1,10 @@
 """Triton row kernels of the single pass (`single_pass.vocab_parallel_token_loss`).
 
 The single pass forms a chunk's fp32 logits with cuBLAS; these two kernels reduce them to
-the per-token statistics (the same online fold as `triton_token_stats._forward_kernel`, the
-same [2 | 1, c] maxima and [5 | 3, c] partials) and turn them into ∂z, one program per ROWS
-logit rows, walking the vocabulary in BLOCK-wide column blocks. They run under Triton's
+the per-token statistics (the online fold of `triton_fold.py`, shared with
+`triton_token_stats`' forward kernel: the same [2 | 1, c] maxima and [5 | 3, c] partials)
+and turn them into ∂z, one program per ROWS logit rows, walking the vocabulary in
+BLOCK-wide column blocks. They run under Triton's
 interpreter on CPU (`tests/triton_interpreter_cases.py`, against `single_pass._TorchRows`).
 """
 
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sdpg_megatron.parallel.triton_token_stats import _fold_tile, _no_stats, _store_stats
+from sdpg_megatron.parallel.triton_fold import fold_tile, no_stats, store_stats
 
 
 @triton.jit
@@ -26,7 +27,7 @@ def _row_partials_kernel(
     mask_r = offs_r < num_rows
     base = offs_r.to(tl.int64)[:, None] * stride
     neg_inf = float("-inf")
-    m_s, s_s, b_s, m_t, s_t, a_st = _no_stats(ROWS)
+    m_s, s_s, b_s, m_t, s_t, a_st = no_stats(ROWS)
     for n0 in range(0, num_cols, BLOCK):
         offs_n = n0 + tl.arange(0, BLOCK)
         mask = mask_r[:, None] & (offs_n < num_cols)[None, :]
@@ -34,12 +35,12 @@ def _row_partials_kernel(
         z_t = z_s
         if WITH_TEACHER:
             z_t = tl.load(t_ptr + base + offs_n[None, :], mask=mask, other=neg_inf)
-        m_s, s_s, b_s, m_t, s_t, a_st = _fold_tile(m_s, s_s, b_s, m_t, s_t, a_st, z_s, z_t, mask, WITH_TEACHER)
+        m_s, s_s, b_s, m_t, s_t, a_st = fold_tile(m_s, s_s, b_s, m_t, s_t, a_st, z_s, z_t, mask, WITH_TEACHER)
     targets = tl.load(tgt_ptr + offs_r, mask=mask_r, other=-1)
     owned = mask_r & (targets >= 0)
     target_logit = tl.load(s_ptr + offs_r.to(tl.int64) * stride + tl.maximum(targets, 0), mask=owned, other=0.0)
 
-    _store_stats(max_ptr, part_ptr, offs_r, mask_r, num_rows, m_s, s_s, b_s, target_logit, m_t, s_t, a_st,
+    store_stats(max_ptr, part_ptr, offs_r, mask_r, num_rows, m_s, s_s, b_s, target_logit, m_t, s_t, a_st,
                  WITH_TEACHER)
 
 

@@ -1,20 +1,21 @@
 """Triton kernels for the chunk body of `vocab_parallel_token_stats` (the GPU fast path).
 
 The torch chunked loop in `vocab_parallel.py` stays the default and the oracle; these
-kernels compute the same per-rank quantities and hand them back to the same merge,
-collectives and autograd bookkeeping.
+kernels compute the same per-rank quantities and hand them back to the same merge and
+collectives (`chunks.py`) and autograd bookkeeping (`vocab_parallel.py`).
 
 Forward (one launch, no [tokens × V/tp] buffer at all): a program owns BLOCK_M tokens and
 one contiguous split of this rank's vocabulary rows. Per [BLOCK_M, BLOCK_N] tile it forms
 the student and teacher logits with two `tl.dot`s that share the weight tile (bf16 in,
-fp32 accumulate), then folds them into online statistics centred on running maxima:
+fp32 accumulate), then folds them into online statistics centred on running maxima
+(`triton_fold.fold_tile`, shared with the single pass's row kernels):
 
     S = Σ e^{z−m},  Sₜ = Σ e^{zₜ−mₜ},  A = Σ e^{z−m}((z−m) − (zₜ−mₜ)),  B = Σ e^{z−m}(z−m)
 
 and the raw target logit. When a maximum moves from m to m' every sum is rescaled by
 α = e^{m−m'} with the shift d = m − m' (B' = α(B + d·S), A' = α(A + (d − dₜ)·S)), so no
 logit is stored. The splits come back as [splits, ·, N] partials with their own maxima;
-`vocab_parallel.py` merges them with exactly the rescaling it uses across TP ranks.
+`chunks.merge_splits` merges them with exactly the rescaling used across TP ranks.
 
 Backward: the vocabulary is walked in blocks of columns; for each block a kernel
 recomputes both logit tiles and writes ∂z (in the weight's dtype) for every token,
@@ -39,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sdpg_megatron.parallel.vocab_parallel import _accumulate_fp32
+from sdpg_megatron.parallel.chunks import accumulate_fp32, merge_splits
+from sdpg_megatron.parallel.triton_fold import fold_tile, no_stats, store_stats
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -163,53 +165,6 @@ def _grouped_program(num_rows, num_cols, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _no_stats(ROWS: tl.constexpr):
-    """`_fold_tile`'s state before the first tile: maxima −inf, sums 0."""
-    return (tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS,), tl.float32),
-            tl.full((ROWS,), float("-inf"), tl.float32), tl.zeros((ROWS,), tl.float32), tl.zeros((ROWS,), tl.float32))
-
-
-@triton.jit
-def _fold_tile(m_s, s_s, b_s, m_t, s_t, a_st, z_s, z_t, valid, WITH_TEACHER: tl.constexpr):
-    """One [rows, columns] tile of logits (−inf where not `valid`) folded into the online
-    statistics centred on the running maxima (module docstring). Rows with no valid column
-    yet keep maximum −inf and sums 0."""
-    neg_inf = float("-inf")
-    new_m = tl.maximum(m_s, tl.max(z_s, axis=1))
-    shift = tl.where(m_s == neg_inf, 0.0, m_s - new_m)  # d = m − m' (0 before the first tile)
-    alpha = tl.exp(shift)
-    centred_s = tl.where(valid, z_s - tl.where(new_m == neg_inf, 0.0, new_m)[:, None], 0.0)
-    e_s = tl.where(valid, tl.exp(centred_s), 0.0)
-    s_old = s_s
-    s_s = alpha * s_s + tl.sum(e_s, axis=1)
-    b_s = alpha * (b_s + shift * s_old) + tl.sum(e_s * centred_s, axis=1)
-    if WITH_TEACHER:
-        new_mt = tl.maximum(m_t, tl.max(z_t, axis=1))
-        shift_t = tl.where(m_t == neg_inf, 0.0, m_t - new_mt)
-        centred_t = tl.where(valid, z_t - tl.where(new_mt == neg_inf, 0.0, new_mt)[:, None], 0.0)
-        s_t = tl.exp(shift_t) * s_t + tl.sum(tl.where(valid, tl.exp(centred_t), 0.0), axis=1)
-        a_st = alpha * (a_st + (shift - shift_t) * s_old) + tl.sum(e_s * (centred_s - centred_t), axis=1)
-        m_t = new_mt
-    return new_m, s_s, b_s, m_t, s_t, a_st
-
-
-@triton.jit
-def _store_stats(max_ptr, part_ptr, offs, mask, num_tokens, m_s, s_s, b_s, target_logit, m_t, s_t, a_st,
-                 WITH_TEACHER: tl.constexpr):
-    """The layout shared with the torch path: maxima [2 | 1, N] (student, teacher) and
-    partials [S, Sₜ, A, B, y] or [S, B, y], at one split's base pointers."""
-    num_stats = 5 if WITH_TEACHER else 3
-    tl.store(max_ptr + offs, m_s, mask=mask)
-    tl.store(part_ptr + offs, s_s, mask=mask)
-    tl.store(part_ptr + (num_stats - 2) * num_tokens + offs, b_s, mask=mask)
-    tl.store(part_ptr + (num_stats - 1) * num_tokens + offs, target_logit, mask=mask)
-    if WITH_TEACHER:
-        tl.store(max_ptr + num_tokens + offs, m_t, mask=mask)
-        tl.store(part_ptr + num_tokens + offs, s_t, mask=mask)
-        tl.store(part_ptr + 2 * num_tokens + offs, a_st, mask=mask)
-
-
-@triton.jit
 def _forward_kernel(
     hs, ht, w, tgt_ptr, max_ptr, part_ptr,
     num_tokens, hidden_size, valid_rows, cols_per_split, num_splits, inv_tau,
@@ -225,7 +180,7 @@ def _forward_kernel(
     col_end = tl.minimum(col_begin + cols_per_split, valid_rows)
 
     neg_inf = float("-inf")
-    m_s, s_s, b_s, m_t, s_t, a_st = _no_stats(BLOCK_M)
+    m_s, s_s, b_s, m_t, s_t, a_st = no_stats(BLOCK_M)
     target_logit = tl.zeros((BLOCK_M,), tl.float32)
 
     for n0 in tl.range(col_begin, col_end, BLOCK_N, flatten=FLATTEN):
@@ -238,10 +193,10 @@ def _forward_kernel(
         z_s = tl.where(mask_n[None, :], acc_s * inv_tau, neg_inf)
         target_logit += tl.sum(tl.where(offs_n[None, :] == targets[:, None], z_s, 0.0), axis=1)
         z_t = tl.where(mask_n[None, :], acc_t * inv_tau, neg_inf)
-        m_s, s_s, b_s, m_t, s_t, a_st = _fold_tile(
+        m_s, s_s, b_s, m_t, s_t, a_st = fold_tile(
             m_s, s_s, b_s, m_t, s_t, a_st, z_s, z_t, mask_n[None, :], WITH_TEACHER)
 
-    _store_stats(max_ptr + split * (2 if WITH_TEACHER else 1) * num_tokens,
+    store_stats(max_ptr + split * (2 if WITH_TEACHER else 1) * num_tokens,
                  part_ptr + split * (5 if WITH_TEACHER else 3) * num_tokens, offs_m, mask_m, num_tokens,
                  m_s, s_s, b_s, target_logit, m_t, s_t, a_st, WITH_TEACHER)
 
@@ -384,7 +339,7 @@ def grads(
         dz = launch(config, begin, end)
         # ∂W rows of this block: one GEMM over all tokens (fp32 accumulation inside).
         torch.mm(dz.t(), student_hidden, out=grad_weight[begin:end])
-        _accumulate_fp32(grad_hidden, dz, weight[begin:end])
+        accumulate_fp32(grad_hidden, dz, weight[begin:end])
     return grad_hidden, grad_weight
 
 
@@ -537,9 +492,7 @@ def _forward_summary(output) -> torch.Tensor:
     every split layout gives the same answer for."""
     maxima, partials = output
     with_teacher = maxima.shape[1] == 2
-    from sdpg_megatron.parallel.vocab_parallel import _merge_splits
-
-    local_max, merged = _merge_splits(maxima, partials, with_teacher)
+    local_max, merged = merge_splits(maxima, partials, with_teacher)
     rows = [local_max[0] + merged[0].log(), merged[-2] / merged[0], merged[-1]]
     if with_teacher:
         rows += [local_max[1] + merged[1].log(), merged[2] / merged[0]]

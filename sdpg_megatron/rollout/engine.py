@@ -89,7 +89,10 @@ class VLLMEngine:
         self.llm.generate([{"prompt_token_ids": [0, 1, 2]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
     def ready(self) -> dict:
-        return {"name": self.name, "version": self.version, "startup_s": self.startup_s, "pid": os.getpid()}
+        import ray
+
+        return {"name": self.name, "version": self.version, "startup_s": self.startup_s, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "host": os.uname().nodename}
 
     def generate(self, requests: list[tuple[list[int], int, int | None]], sampling: SamplingSettings) -> dict:
         """requests: (prompt token ids, n, seed). Returns per request n samples and the
@@ -147,21 +150,21 @@ class VLLMEngine:
         self._rpc("init_weight_transfer_engine", init_info)
 
     def start_weight_update(self) -> None:
-        self._rpc("sdpg_abort_weight_update")  # a push that died half-way left its state behind
-        self._rpc("start_weight_update")
+        self._rpc("sdpg_start_weight_update")  # drops what a push that died half-way left behind
 
     def update_weights(self, update_info: dict) -> None:
         """Receive one bucket (the trainer broadcasts it at the same time)."""
         self._rpc("update_weights", update_info)
 
-    def finish_weight_update(self, version: int) -> None:
-        """Commit the staged push as weight version `version`."""
-        self._rpc("finish_weight_update")
+    def finish_weight_update(self, version: int) -> dict[str, float]:
+        """Commit the staged push as weight version `version`; returns the commit's phases."""
+        phases = self._rpc("sdpg_finish_weight_update")
         # Cached prefix KV was computed with the old weights: a shared prompt prefix (the
         # chat template, the instruction) would otherwise be served stale.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"engine {self.name}: vLLM refused to reset its prefix cache after a weight commit")
         self.version = version
+        return phases
 
     def abort_weight_update(self) -> None:
         self._rpc("sdpg_abort_weight_update")

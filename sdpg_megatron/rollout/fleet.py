@@ -6,9 +6,12 @@
   sampled tokens' log-probs, finish reason and weight version, and refuses responses from
   stale weights. A batch whose engine dies or times out is retried on a restarted engine.
 - `push_weights` streams buckets to every engine through vLLM's weight-transfer API (the
-  "sdpg" engine, over one trainer↔engine process group per engine: `transfer.py`), then
-  commits a new version. The fleet keeps the last pushed buckets in Ray's object store so a
-  restarted engine gets the current weights before it serves again.
+  "sdpg" engine), then commits a new version. Each engine's wire is its own (`transports`):
+  an engine on the trainer's Ray node reads the buckets in place from the fleet's reusable
+  shared buffers (`shared_memory.py`: /dev/shm, or CUDA IPC), any other engine receives
+  them by broadcast over a trainer↔engine process group (`transfer.py`, gloo or NCCL).
+  The last committed push stays where a restarted engine can get it before it serves
+  again: in the shared buffers, or in Ray's object store when there are none.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sdpg_megatron.config import WeightTransport
 from sdpg_megatron.rollout import transfer
 from sdpg_megatron.rollout.buckets import WeightBucket
 from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings, VLLMEngine
+from sdpg_megatron.rollout.shared_memory import BucketBuffers
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "sdpg"
@@ -61,7 +65,9 @@ class FleetSettings:
     max_restarts: int = 2  # per engine per batch
     ray_address: str | None = None  # None: a local Ray instance
     name: str = "sdpg"  # engines are the named actors NAME-engine-0, NAME-engine-1, ...
-    weight_transport: WeightTransport = "gloo"  # "gloo" (CPU or GPU engines) or "nccl" (GPU engines)
+    # "auto": shm for an engine on the trainer's node, gloo for any other; or one of
+    # "shm", "cuda_ipc" (same node only), "gloo", "nccl" for every engine
+    weight_transport: WeightTransport = "auto"
     weight_sync_timeout_s: float = 300.0  # joining a weight group, and each bucket's broadcast
 
 
@@ -75,19 +81,45 @@ class RolloutFleet:
         self.placement_group = placement_group([dict(bundle) for _ in range(settings.num_engines)], strategy="PACK")
         ray.get(self.placement_group.ready(), timeout=600)
         self.version = 0
-        self._weights: list[ray.ObjectRef] = []  # the last committed push, for restarts
+        self._weights: list = []  # the last committed push, for restarts: buckets, or their Ray object refs
         # engine index → its weight group (rank 0 is this process) and the group's store
         self._links: dict[int, tuple[dist.ProcessGroup, dist.TCPStore]] = {}
         self.engines = [None] * settings.num_engines
         started = time.perf_counter()
         handles = [self._start(i) for i in range(settings.num_engines)]
-        ray.get([h.ready.remote() for h in handles])
+        ready = ray.get([h.ready.remote() for h in handles])
+        self.transports = [self._transport(info) for info in ready]  # each engine's wire for weight pushes
+        shared = {t for t in self.transports if t in ("shm", "cuda_ipc")}
+        self.buffers = BucketBuffers(shared.pop()) if shared else None
+        logger.info("rollout fleet: weight transport per engine: %s", ", ".join(self.transports))
         logger.info("rollout fleet: %d engine(s) ready in %.1f s", settings.num_engines, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ engines
 
     def engine_name(self, index: int) -> str:
         return f"{self.settings.name}-engine-{index}"
+
+    def _transport(self, ready: dict) -> str:
+        """An engine's wire: same-node buffers where it shares the trainer's node, else a group."""
+        wanted = self.settings.weight_transport
+        local = ready["node_id"] == ray.get_runtime_context().get_node_id()
+        if wanted == "auto":
+            return "shm" if local else "gloo"
+        if wanted in ("shm", "cuda_ipc") and not local:
+            raise EngineFailedError(
+                f"rollout.weight_transport={wanted} needs every engine on the trainer's node, but "
+                f"{ready['name']} runs on host {ready['host']}: use 'auto' (shared memory where it can, "
+                f"gloo elsewhere), 'gloo' or 'nccl'"
+            )
+        return wanted
+
+    def bucket_allocator(self):
+        """Where the next push's buckets are to be written (ask once per push, before they are
+        made): the shared buffers from the first one on, or None (fresh tensors)."""
+        if self.buffers is None:
+            return None
+        self.buffers.start_push()
+        return self.buffers.next_buffer
 
     def _start(self, index: int):
         actor = ray.remote(VLLMEngine).options(
@@ -112,8 +144,8 @@ class RolloutFleet:
         if self._weights:
             try:
                 self._begin([index])
-                for ref in self._weights:
-                    self._send(ray.get(ref), [index])
+                for bucket in self._weights:
+                    self._send(bucket if self.buffers is not None else ray.get(bucket), [index])
                 self._commit([index], self.version)
             except BaseException:
                 self._abort([index])
@@ -127,32 +159,47 @@ class RolloutFleet:
 
         An engine checks each bucket and stages it; it loads the staged model only at the
         commit, and only if it is complete. On any error every engine drops the push and
-        keeps serving the previous version."""
+        keeps serving the previous version. With shared buffers, buckets written where
+        `bucket_allocator()` said cost nothing more; any other bucket is copied there first."""
         if version <= self.version:
             raise ValueError(f"weight version must increase: fleet is at {self.version}, push says {version}")
         started, payloads, num_bytes = time.perf_counter(), [], 0
         everyone = range(len(self.engines))
+        if self.buffers is not None and not self.buffers.pushing:
+            self.buffers.start_push()
         try:
             self._begin(everyone)
             begun = time.perf_counter()
             for bucket in buckets:
-                payloads.append(ray.put(bucket))
+                if self.buffers is not None and self.buffers.key_of(bucket.flat) is None:
+                    bucket = self._to_shared(bucket)
+                payloads.append(bucket if self.buffers is not None else ray.put(bucket))
                 num_bytes += bucket.num_bytes
                 self._send(bucket, everyone)
             sent = time.perf_counter()
-            self._commit(everyone, version)
+            commits = self._commit(everyone, version)
         except BaseException:
             self._abort(everyone)
+            if self.buffers is not None:
+                self.buffers.finish_push(committed=False)
             raise
+        if self.buffers is not None:
+            self.buffers.finish_push(committed=True)
         self._weights, self.version = payloads, version
         done = time.perf_counter()
         return {"buckets": len(payloads), "bytes": num_bytes, "seconds": done - started,
-                "start_s": begun - started, "send_s": sent - begun, "commit_s": done - sent}
+                "start_s": begun - started, "send_s": sent - begun, "commit_s": done - sent,
+                **{f"commit_{phase}": max(c[phase] for c in commits) for phase in commits[0]}}
+
+    def _to_shared(self, bucket: WeightBucket) -> WeightBucket:
+        flat = self.buffers.next_buffer(bucket.flat.numel(), bucket.flat.dtype)
+        flat.copy_(bucket.flat)
+        return WeightBucket(bucket.names, bucket.shapes, bucket.dtype, flat)
 
     def _connect(self, index: int) -> None:
         """Open the weight group between this process (rank 0) and engine `index`'s workers."""
         s = self.settings
-        address, store = transfer.listen(1 + s.engine.tensor_parallel, s.weight_transport, s.weight_sync_timeout_s)
+        address, store = transfer.listen(1 + s.engine.tensor_parallel, self.transports[index], s.weight_sync_timeout_s)
         # Both ends block until the group is complete: join from a side thread while the
         # engine's workers join through vLLM. If they fail, the thread ends at the timeout.
         pool = ThreadPoolExecutor(max_workers=1)
@@ -166,16 +213,24 @@ class RolloutFleet:
 
     def _begin(self, indices: Sequence[int]) -> None:
         for index in indices:
-            if index not in self._links:
+            if index not in self._links and self.transports[index] in transfer.TRANSPORTS:
                 self._connect(index)
         ray.get([self.engines[i].start_weight_update.remote() for i in indices], timeout=self.settings.request_timeout_s)
 
     def _send(self, bucket: WeightBucket, indices: Sequence[int]) -> None:
-        """One bucket to engines `indices`: metadata through `update_weights`, bytes by broadcast."""
+        """One bucket to engines `indices`: metadata through `update_weights`; the bytes are
+        read in place from the shared buffer, or broadcast over the engine's group."""
         info = transfer.update_info(bucket)
-        wire = bucket.flat.cuda() if self.settings.weight_transport == "nccl" else bucket.flat
-        receiving = [self.engines[i].update_weights.remote(info) for i in indices]
-        sending = {i: transfer.broadcast(self._links[i][0], wire) for i in indices}  # all at once
+        key = None if self.buffers is None else self.buffers.key_of(bucket.flat)
+        shared = dict(info, buffer=self.buffers.describe(key)) if key is not None else None
+        local = [i for i in indices if self.transports[i] in ("shm", "cuda_ipc")]
+        if local and shared is None:
+            raise ValueError("a bucket for a same-node engine must be written into fleet.bucket_allocator()'s buffers")
+        remote = [i for i in indices if i not in local]
+        receiving = [self.engines[i].update_weights.remote(shared) for i in local]
+        receiving += [self.engines[i].update_weights.remote(info) for i in remote]
+        wire = bucket.flat.cuda() if remote and self.settings.weight_transport == "nccl" else bucket.flat
+        sending = {i: transfer.broadcast(self._links[i][0], wire) for i in remote}  # all at once
         for index, work in sending.items():
             try:
                 work.wait()
@@ -184,9 +239,10 @@ class RolloutFleet:
                 raise EngineFailedError(f"weight push to {self.engine_name(index)} failed: {error}") from None
         ray.get(receiving, timeout=self.settings.weight_sync_timeout_s)
 
-    def _commit(self, indices: Sequence[int], version: int) -> None:
-        ray.get([self.engines[i].finish_weight_update.remote(version) for i in indices],
-                timeout=self.settings.request_timeout_s)
+    def _commit(self, indices: Sequence[int], version: int) -> list[dict[str, float]]:
+        """Commit everywhere; each engine's commit phases (seconds)."""
+        return ray.get([self.engines[i].finish_weight_update.remote(version) for i in indices],
+                       timeout=self.settings.request_timeout_s)
 
     def _abort(self, indices: Sequence[int]) -> None:
         """Best effort: an engine that died cannot abort and needs nothing dropped."""
@@ -201,12 +257,19 @@ class RolloutFleet:
     # ------------------------------------------------------------------ generation
 
     def generate(
-        self, prompts: list[list[int]], n: int, sampling: SamplingSettings, *, seed: int | None = None
+        self, prompts: list[list[int]], n: int, sampling: SamplingSettings, *, seed: int | None = None,
+        expected_version: int | None = None,
     ) -> list[list[Rollout]]:
         """n rollouts for each prompt, in prompt order; sample k of prompt p is seeded from
-        (seed, p, k), so a batch is reproducible and no two samples share a random stream."""
+        (seed, p, k), so a batch is reproducible and no two samples share a random stream.
+
+        Every response must come from weight version `expected_version` (None: the fleet's
+        version at the call); one from any other raises StaleWeightsError. The one-step-off
+        rollout names the version it generates from, since it runs beside the trainer's step
+        (the push that changes the version waits for it)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        expected = self.version if expected_version is None else expected_version
         shards = [list(range(i, len(prompts), len(self.engines))) for i in range(len(self.engines))]
         requests = {
             i: [(prompts[p], n, None if seed is None else seed * 1_000_003 + p * n) for p in shard]
@@ -235,10 +298,10 @@ class RolloutFleet:
                 pending[index] = self.engines[index].generate.remote(requests[index], sampling)
         rollouts: list[list[Rollout]] = [[] for _ in prompts]
         for index, result in results.items():
-            if result["version"] != self.version:
+            if result["version"] != expected:
                 raise StaleWeightsError(
                     f"{result['engine']} answered from weight version {result['version']}, "
-                    f"the trainer is at {self.version}"
+                    f"expected {expected} (the fleet is at {self.version})"
                 )
             for prompt_index, samples in zip(shards[index], result["samples"]):
                 rollouts[prompt_index] = [
@@ -254,6 +317,8 @@ class RolloutFleet:
 
     def shutdown(self) -> None:
         self._links.clear()
+        if self.buffers is not None:
+            self.buffers.close()
         for engine in self.engines:
             if engine is not None:
                 ray.kill(engine, no_restart=True)

