@@ -32,7 +32,7 @@ from sdpg_megatron.config import WeightTransport
 from sdpg_megatron.rollout import transfer
 from sdpg_megatron.rollout.buckets import WeightBucket
 from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings, VLLMEngine
-from sdpg_megatron.rollout.shared_memory import BucketBuffers
+from sdpg_megatron.rollout.shared_memory import KINDS as SAME_NODE_WIRES, BucketBuffers
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "sdpg"
@@ -89,7 +89,7 @@ class RolloutFleet:
         handles = [self._start(i) for i in range(settings.num_engines)]
         ready = ray.get([h.ready.remote() for h in handles])
         self.transports = [self._transport(info) for info in ready]  # each engine's wire for weight pushes
-        shared = {t for t in self.transports if t in ("shm", "cuda_ipc")}
+        shared = {t for t in self.transports if t in SAME_NODE_WIRES}
         self.buffers = BucketBuffers(shared.pop()) if shared else None
         logger.info("rollout fleet: weight transport per engine: %s", ", ".join(self.transports))
         logger.info("rollout fleet: %d engine(s) ready in %.1f s", settings.num_engines, time.perf_counter() - started)
@@ -105,7 +105,7 @@ class RolloutFleet:
         local = ready["node_id"] == ray.get_runtime_context().get_node_id()
         if wanted == "auto":
             return "shm" if local else "gloo"
-        if wanted in ("shm", "cuda_ipc") and not local:
+        if wanted in SAME_NODE_WIRES and not local:
             raise EngineFailedError(
                 f"rollout.weight_transport={wanted} needs every engine on the trainer's node, but "
                 f"{ready['name']} runs on host {ready['host']}: use 'auto' (shared memory where it can, "
@@ -223,7 +223,7 @@ class RolloutFleet:
         info = transfer.update_info(bucket)
         key = None if self.buffers is None else self.buffers.key_of(bucket.flat)
         shared = dict(info, buffer=self.buffers.describe(key)) if key is not None else None
-        local = [i for i in indices if self.transports[i] in ("shm", "cuda_ipc")]
+        local = [i for i in indices if self.transports[i] in SAME_NODE_WIRES]
         if local and shared is None:
             raise ValueError("a bucket for a same-node engine must be written into fleet.bucket_allocator()'s buffers")
         remote = [i for i in indices if i not in local]
