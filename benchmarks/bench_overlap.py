@@ -219,7 +219,7 @@ def main() -> None:
     from sdpg_megatron.rollout.engine import EngineSettings
     from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
     from sdpg_megatron.tiny import demo_settings, make_tiny_policy
-    from sdpg_megatron.train import init_distributed
+    from sdpg_megatron.cli import init_distributed
 
     work = Path(args.work_dir)
     policy = make_tiny_policy(work / f"tiny-{args.sft_steps}", demo_settings(max_sft_steps=args.sft_steps))

@@ -10,7 +10,7 @@ wrong carry no outcome signal and are dropped, and further generation batches ar
 until `prompts_per_step` informative groups are kept or `max_generation_batches` batches
 were generated. Short of a full step, the step trains on as many whole PPO mini-batches
 of kept groups as there are (topped up with dropped groups to one mini-batch when there
-is not even one). Prompts come from one stream (`PromptSet`): the position after each
+is not even one). Prompts come from one stream (`data.prompt_set.PromptSet`): the position after each
 step is saved in the checkpoint, so a resumed run draws exactly what the original drew.
 
 One step off (`rollout.mode=one_step_off`, docs/rollout.md): `next_batch(k)` hands over
@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,8 +132,10 @@ class Driver:
         from transformers import AutoTokenizer
 
         from sdpg_megatron.data import template_supports_thinking
+        from sdpg_megatron.data.prompt_set import PromptSet
         from sdpg_megatron.metrics import MetricsLogger, WandbSettings
         from sdpg_megatron.reward import VerifierPool
+        from sdpg_megatron.rollout.launch import fleet_settings, running_fleet
 
         self.config = config
         out_dir = Path(config.logging.out_dir)
@@ -144,42 +143,53 @@ class Driver:
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_dir or config.model.hf_dir)
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {config.model.tokenizer_dir or config.model.hf_dir} has no EOS token")
+            raise ValueError(f"the tokenizer in {config.model.tokenizer_dir or config.model.hf_dir} has no EOS token: "
+                             "responses would never end; set model.tokenizer_dir to the model's own tokenizer")
         # thinking mode only where the chat template has the switch (Qwen3's; not the toy's)
         self.thinking = config.data.enable_thinking and template_supports_thinking(self.tokenizer)
-        self.prompts = PromptSet(config, self.tokenizer, enable_thinking=self.thinking)
+        self.prompts = PromptSet(
+            config.data.train_files, self.tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+            privileged=config.data.privileged, enable_thinking=self.thinking, seed=config.schedule.seed,
+            min_problems=config.schedule.prompts_per_step)
         self.prompts.position = (start_step * config.schedule.prompts_per_step if prompt_position is None
                                  else prompt_position)
-        self.verifier = VerifierPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
-        self.ray_dir = None
-        self.owns_fleet = fleet is None
-        self.fleet = fleet if fleet is not None else self._start_fleet()
-        self.metrics = MetricsLogger(
-            out_dir, total_steps=config.schedule.total_steps, start_step=start_step,
-            tensorboard=config.logging.tensorboard, progress=config.logging.progress,
-            wandb=WandbSettings.from_logging(config.logging, config_to_dict(config)),
-        )
-        self._ahead: _RolloutAhead | None = None
-        self._closing = threading.Event()
-        self._resume_ahead(start_step, ahead)
-        self.eval_dir = out_dir / "eval"
-        self.benchmarks = []
-        if config.evaluation.benchmarks:
-            from sdpg_megatron.evaluate import EvalHistory, load_benchmarks, parse_benchmark_specs
+        self._resources = ExitStack()  # close() stops them: metrics sink, fleet (when its own), verifier
+        self.verifier = self._resources.enter_context(
+            VerifierPool(num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s))
+        try:
+            if fleet is None:
+                logger.info("starting %d rollout engine(s)", config.rollout.num_engines)
+                fleet = self._resources.enter_context(running_fleet(fleet_settings(config)))
+            self.fleet = fleet
+            self.metrics = MetricsLogger(
+                out_dir, total_steps=config.schedule.total_steps, start_step=start_step,
+                tensorboard=config.logging.tensorboard, progress=config.logging.progress,
+                wandb=WandbSettings.from_logging(config.logging, config_to_dict(config)),
+            )
+            self._resources.callback(self.metrics.close)
+            self._ahead: _RolloutAhead | None = None
+            self._closing = threading.Event()
+            self._resume_ahead(start_step, ahead)
+            self.eval_dir = out_dir / "eval"
+            self.benchmarks = []
+            if config.evaluation.benchmarks:
+                from sdpg_megatron.evaluate import EvalHistory, load_benchmarks, parse_benchmark_specs
 
-            self.benchmarks = load_benchmarks(parse_benchmark_specs(config.evaluation.benchmarks), self.tokenizer,
-                                              max_prompt_tokens=config.data.max_prompt_tokens,
-                                              enable_thinking=self.thinking)
-            self.eval_history = EvalHistory.load(self.eval_dir / "summary.json", up_to_step=start_step)
+                self.benchmarks = load_benchmarks(parse_benchmark_specs(config.evaluation.benchmarks), self.tokenizer,
+                                                  max_prompt_tokens=config.data.max_prompt_tokens,
+                                                  enable_thinking=self.thinking)
+                self.eval_history = EvalHistory.load(self.eval_dir / "summary.json", up_to_step=start_step)
+        except BaseException:
+            self._resources.close()  # a driver that did not start stops what it started
+            raise
 
     # ------------------------------------------------------------------ sampling settings
 
     def sampling(self, max_tokens: int):
-        from sdpg_megatron.rollout.engine import SamplingSettings
+        """rollout's sampling settings (`rollout.launch.sampling_settings`), up to max_tokens."""
+        from sdpg_megatron.rollout.launch import sampling_settings
 
-        r = self.config.rollout
-        return SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
-                                stop_token_ids=(self.tokenizer.eos_token_id,))
+        return sampling_settings(self.config.rollout, self.tokenizer, max_tokens=max_tokens)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -423,46 +433,12 @@ class Driver:
             "data/too_long": self.prompts.num_too_long,
         }
 
-    # ------------------------------------------------------------------ fleet
-
-    def _start_fleet(self):
-        from sdpg_megatron.rollout.engine import EngineSettings
-        from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
-
-        r = self.config.rollout
-        if r.ray_address is None:
-            self.ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")  # Ray's socket paths must be short
-            os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(self.ray_dir, "vllm-cache"))
-        connect_ray(temp_dir=self.ray_dir, address=r.ray_address)
-        engine = EngineSettings(
-            model_dir=self.config.model.hf_dir, tensor_parallel=r.engine_tensor_parallel, dtype=r.dtype,
-            max_model_len=self.config.data.max_prompt_tokens + r.max_response_tokens,
-            max_num_seqs=r.max_num_seqs, kv_cache_bytes=r.kv_cache_bytes,
-            gpu_memory_utilization=r.gpu_memory_utilization, cpu_threads_bind=r.cpu_threads_bind,
-            seed=self.config.schedule.seed,
-        )
-        logger.info("starting %d rollout engine(s)", r.num_engines)
-        return RolloutFleet(FleetSettings(
-            num_engines=r.num_engines, engine=engine, cpus_per_engine=r.cpus_per_engine,
-            gpus_per_engine=r.gpus_per_engine, request_timeout_s=r.request_timeout_s,
-            max_restarts=r.max_restarts, ray_address=r.ray_address,
-            weight_transport=r.weight_transport, weight_sync_timeout_s=r.weight_sync_timeout_s,
-        ))
-
     def close(self) -> None:
         self._closing.set()
         if self._ahead is not None and self._ahead.running:  # it uses the fleet and the verifier
             logger.info("waiting for the rollout of step %d to stop at its generation batch's end", self._ahead.step)
             self._ahead.thread.join()
-        self.metrics.close()
-        self.verifier.close()
-        if self.owns_fleet:
-            import ray
-
-            self.fleet.shutdown()
-            ray.shutdown()
-            if self.ray_dir:
-                shutil.rmtree(self.ray_dir, ignore_errors=True)
+        self._resources.close()
 
 
 def _regroup(group: _Group, index: int) -> list[Sample]:
@@ -470,45 +446,3 @@ def _regroup(group: _Group, index: int) -> list[Sample]:
     for sample in group.samples:
         sample.group = index
     return group.samples
-
-
-class PromptSet:
-    """The training prompts, loaded, validated and encoded once, read as one stream:
-    `take(n)` returns the next n (the stream is a pure function of the seed: each epoch a
-    permutation of the problems, see `PromptSampler`) and advances `position`."""
-
-    def __init__(self, config: Config, tokenizer, *, enable_thinking: bool):
-        from sdpg_megatron.data import PromptSampler, PromptTooLongError, encode_problem, load_dapo_parquet
-
-        problems, self.num_invalid, self.num_too_long = [], 0, 0
-        for path in config.data.train_files:
-            report = load_dapo_parquet(path)
-            self.num_invalid += report.num_invalid
-            for reason in report.invalid:
-                logger.warning("%s: skipped %s", path, reason)
-            problems.extend(report.problems)
-        items = []  # (EncodedPrompt, Problem); uids need not be unique across files
-        for problem in problems:
-            try:
-                encoded = encode_problem(tokenizer, problem, max_prompt_tokens=config.data.max_prompt_tokens,
-                                         privileged=config.data.privileged, enable_thinking=enable_thinking)
-            except PromptTooLongError as error:
-                self.num_too_long += 1
-                logger.warning("skipped: %s", error)
-                continue
-            items.append((encoded, problem))
-        if len(items) < config.schedule.prompts_per_step:
-            raise ValueError(
-                f"data.train_files {list(config.data.train_files)} give {len(items)} usable problems "
-                f"({self.num_invalid} invalid rows, {self.num_too_long} prompts over data.max_prompt_tokens); "
-                f"a step needs schedule.prompts_per_step={config.schedule.prompts_per_step}"
-            )
-        logger.info("training data: %d problems (%d invalid rows, %d too long)", len(items), self.num_invalid, self.num_too_long)
-        self.sampler = PromptSampler(items, config.schedule.seed)
-        self.position = 0
-
-    def take(self, count: int) -> list:
-        """[(EncodedPrompt, Problem)] × count, the next ones of the stream."""
-        batch = self.sampler.slice(self.position, count)
-        self.position += count
-        return batch

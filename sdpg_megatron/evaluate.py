@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -169,40 +168,32 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:
         parser.error(str(error))
 
-    import shutil
-    import tempfile
-
-    import ray
     from transformers import AutoTokenizer
 
+    from sdpg_megatron.config import RolloutConfig
+    from sdpg_megatron.data import template_supports_thinking
     from sdpg_megatron.reward import VerifierPool
-    from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings
-    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
+    from sdpg_megatron.rollout.engine import EngineSettings
+    from sdpg_megatron.rollout.fleet import FleetSettings
+    from sdpg_megatron.rollout.launch import running_fleet, sampling_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir or args.hf_dir)
-    from sdpg_megatron.data import template_supports_thinking
-
+    try:  # the sampling of training (top_p 1, top_k off) at this temperature
+        sampling = sampling_settings(RolloutConfig(temperature=args.temperature), tokenizer,
+                                     max_tokens=args.max_response_tokens)
+    except ValueError as error:
+        parser.error(f"--tokenizer-dir {args.tokenizer_dir or args.hf_dir}: {error}")
     thinking = args.enable_thinking and template_supports_thinking(tokenizer)
     benchmarks = load_benchmarks(specs, tokenizer, max_prompt_tokens=args.max_prompt_tokens, enable_thinking=thinking)
-    ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")
-    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(ray_dir, "vllm-cache"))
-    connect_ray(temp_dir=ray_dir)
-    fleet = RolloutFleet(FleetSettings(
+    settings = FleetSettings(
         num_engines=args.num_engines, gpus_per_engine=args.gpus_per_engine,
         engine=EngineSettings(model_dir=args.hf_dir, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes or None,
                               max_model_len=args.max_prompt_tokens + args.max_response_tokens),
-    ))
-    sampling = SamplingSettings(temperature=args.temperature, max_tokens=args.max_response_tokens,
-                                stop_token_ids=(tokenizer.eos_token_id,))
-    try:
-        with VerifierPool() as verifier:
-            results = evaluate(fleet, tokenizer, verifier, benchmarks, k=args.k, sampling=sampling, seed=args.seed,
-                               thinking=thinking, answer_tail_chars=args.answer_tail_chars)
-    finally:
-        fleet.shutdown()
-        ray.shutdown()
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    )
+    with running_fleet(settings) as fleet, VerifierPool() as verifier:
+        results = evaluate(fleet, tokenizer, verifier, benchmarks, k=args.k, sampling=sampling, seed=args.seed,
+                           thinking=thinking, answer_tail_chars=args.answer_tail_chars)
     write_json_atomic(args.out, {"hf_dir": args.hf_dir, "k": args.k, "benchmarks": results})
     for name, result in results.items():
         print(f"{name:<10} pass@1 mean@{args.k} = {result['pass@1']:.4f} over {result['num_problems']} problems")

@@ -208,3 +208,14 @@ def _pack(batch: StepBatch, ids: list[int], advantages: torch.Tensor, pad_id: in
         advantages=torch.tensor(token_advantages, dtype=torch.float32),
         sample_ids=torch.tensor(sample_ids, dtype=torch.long),
     )
+
+
+def gated_token_scale(batch: StepBatch, advantages: torch.Tensor, minibatch: int, num_minibatches: int) -> float:
+    """(all response tokens) / (tokens of samples with A > 0) of PPO mini-batch `minibatch`,
+    over every data-parallel rank: turns the token-mean over all tokens into one over the
+    gated tokens (algorithm.loss_tokens="gated")."""
+    per_minibatch = len(batch.samples) // num_minibatches
+    ids = range(minibatch * per_minibatch, (minibatch + 1) * per_minibatch)
+    lengths = [len(batch.samples[i].response) for i in ids]
+    gated = sum(length for i, length in zip(ids, lengths) if advantages[i] > 0)
+    return sum(lengths) / gated if gated else 0.0

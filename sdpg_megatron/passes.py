@@ -6,9 +6,10 @@
 - teacher: the current policy (or π_ref, algorithm.teacher_weights) on the
   privileged-context view, final hidden states at the response positions (forward only,
   detached — docs/method.md: no gradient through q at all);
-- student: the policy with gradients; the fused vocab-parallel kernel turns its hidden
-  states, the teacher's and the output-weight shard into per-token log-prob, entropy and
-  exact full-vocabulary KL, and `sdpg_loss` combines them.
+- student: the policy with gradients; each micro-batch's `StudentLoss` (student_loss.py)
+  turns its hidden states, the teacher's and the output-weight shard into per-token
+  log-prob, entropy and exact full-vocabulary KL with the fused vocab-parallel kernel, and
+  those into the SDPG loss and its metrics.
 
 Per-token results live on the last pipeline stage, one tensor per micro-batch, in the
 micro-batch's flat token order. Micro-batches of different shapes (dynamic batching, THD
@@ -21,13 +22,13 @@ row selects the same tokens in the same order, so nothing downstream changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from sdpg_megatron.algo import sdpg_loss, token_terms
 from sdpg_megatron.config import Config
 from sdpg_megatron.experience import MicroBatch, StepBatch, micro_batches
 from sdpg_megatron.model.convert import check_mcore_source, load_mcore_weights
@@ -35,17 +36,9 @@ from sdpg_megatron.model.hf_mapping import load_hf_weights
 from sdpg_megatron.model.provider import response_states, transformer_engine_available
 from sdpg_megatron.model.training import StepResult, build_frozen, build_policy, forward_only, train_step
 from sdpg_megatron.packing import pack_view, packing_multiples
-from sdpg_megatron.parallel import (
-    TokenStats, padded_vocab_size, vocab_parallel_token_loss, vocab_parallel_token_stats,
-)
+from sdpg_megatron.parallel import TokenStats, padded_vocab_size, vocab_parallel_token_stats
 from sdpg_megatron.parallel.groups import ParallelGroups
-
-# Loss metrics reduced over micro-batches and data-parallel ranks (token-weighted means).
-LOSS_METRICS = (
-    "loss", "outcome_loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
-    "opd_kl", "gate_frac", "anchor", "ref_kl_k3", "entropy", "tis_weight", "rollout_logprob_abs_diff",
-)
-
+from sdpg_megatron.student_loss import LOSS_METRICS, LossSettings, StudentLoss, takes_single_pass
 
 @dataclass
 class TeacherStates:
@@ -65,6 +58,15 @@ class ModelInput:
     positions: torch.Tensor
     response_mask: torch.Tensor  # True where the position predicts a response token
     packed_seq_params: PackedSeqParams | None = None
+
+
+def _collect_states(outputs: list, collect: Callable, output_weight: Callable[[], torch.Tensor],
+                    response_mask: torch.Tensor, mb: MicroBatch, hidden_states: torch.Tensor):
+    """A forward-only pass's loss_func: `collect` the states at the response positions into
+    `outputs`; the loss is a zero that keeps the graph."""
+    states = response_states(hidden_states, response_mask)
+    outputs.append(collect(states, output_weight(), mb))
+    return hidden_states.sum() * 0.0, {}
 
 
 class ModelPasses:
@@ -145,13 +147,7 @@ class ModelPasses:
             inputs = self._model_input(mb, view)
             hidden = model(inputs.tokens, inputs.positions, None, packed_seq_params=inputs.packed_seq_params,
                            return_hidden=True)
-
-            def loss_func(hidden_states):
-                states = response_states(hidden_states, inputs.response_mask)
-                outputs.append(collect(states, module.output_weight(), mb))
-                return hidden_states.sum() * 0.0, {}
-
-            return hidden, loss_func
+            return hidden, partial(_collect_states, outputs, collect, module.output_weight, inputs.response_mask, mb)
 
         length = batch.teacher_length if view == "teacher" else batch.student_length
         forward_only(model, forward_step, iter(mbs), num_microbatches=len(mbs), seq_length=length,
@@ -241,140 +237,40 @@ class ModelPasses:
             result.append(TeacherStates(states[source.to(states.device)], None, rows))
         return result
 
-    def _single_pass(self) -> bool:
-        """Whether the training loss takes its gradient in the forward (`model.loss_mode`)."""
-        mode = self.config.model.loss_mode
-        if mode == "auto":
-            return torch.cuda.is_available() and self.config.model.params_dtype != "float32"
-        return mode == "single_pass"
-
-    def _loss_stats(self, states: torch.Tensor, weight: torch.Tensor, mb: MicroBatch,
-                    teacher: TeacherStates | None, use_kl: bool, token_loss=None,
-                    ) -> tuple[TokenStats, torch.Tensor | None, torch.Tensor | None]:
-        """The student's token statistics, with the reverse KL where the teacher ran, and
-        the mask of those tokens when it did not run for all (their KL is 0: gated off).
-
-        token_loss: None, or `(index, with_teacher) → token_loss` of
-        `vocab_parallel_token_loss` for the micro-batch's tokens `index` (None: all); the
-        loss is then taken in the same sweep and returned third (else None)."""
-        def run(index, teacher_states):
-            hidden = states if index is None else states[index]
-            targets = mb.targets if index is None else mb.targets[index]
-            if token_loss is None:
-                return None, self._stats(hidden, weight, targets, teacher_states)
-            return vocab_parallel_token_loss(
-                hidden, weight, targets, teacher_states, token_loss=token_loss(index, teacher_states is not None),
-                group=self.groups.loss_tp_group, vocab_size=self.arch.vocab_size,
-                temperature=self.config.rollout.temperature, backend=self.config.model.loss_backend,
-                fp32_grad_weight=self.config.model.loss_fp32_grad_weight,
-            )
-
-        if not use_kl:
-            loss, stats = run(None, None)
-            return stats, None, loss
-        if teacher is None:  # no token of this micro-batch needs the teacher
-            loss, stats = run(None, None)
-            zeros = torch.zeros_like(stats.logprobs)
-            return stats._replace(reverse_kl=zeros), zeros.bool(), loss
-        if teacher.rows is None:
-            loss, stats = run(None, teacher.states)
-            return stats, None, loss
-        rows = teacher.rows
-        ran = torch.zeros(mb.num_tokens, dtype=torch.bool, device=states.device)
-        ran[rows] = True
-        others = (~ran).nonzero().squeeze(1)
-        loss_with, with_teacher = run(rows, teacher.states)
-        loss_without, without = run(others, None)
-        inverse = torch.empty(mb.num_tokens, dtype=torch.long, device=states.device)
-        inverse[torch.cat([rows, others])] = torch.arange(mb.num_tokens, device=states.device)
-
-        def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.cat([a, b])[inverse]
-
-        stats = TokenStats(logprobs=merge(with_teacher.logprobs, without.logprobs),
-                           entropy=merge(with_teacher.entropy, without.entropy),
-                           reverse_kl=merge(with_teacher.reverse_kl, torch.zeros_like(without.logprobs)))
-        return stats, ran, None if token_loss is None else loss_with + loss_without
-
     def train(self, batch: StepBatch, mbs: list[MicroBatch], step: int, teacher, reference, *,
               first_minibatch: bool, old=None, gated_token_scale: float = 1.0) -> StepResult:
-        """Student forward/backward over one PPO mini-batch and one optimizer step.
+        """Student forward/backward over one PPO mini-batch and one optimizer step; each
+        micro-batch's loss is a `StudentLoss` (student_loss.py).
 
-        old: per micro-batch [N] log π_old (`old_logprobs`); None takes the engine's
-        sampling log-probs as π_old. gated_token_scale: for algorithm.loss_tokens="gated",
-        the mini-batch's (all tokens) / (tokens of samples with A > 0).
+        teacher: per micro-batch `TeacherStates` (None: the teacher pass did not run);
+        reference: per micro-batch [N] log π_ref or None. old: per micro-batch [N]
+        log π_old (`old_logprobs`); None takes the engine's sampling log-probs as π_old.
+        gated_token_scale: for algorithm.loss_tokens="gated", the mini-batch's (all
+        tokens) / (tokens of samples with A > 0).
 
         On the first mini-batch the policy still holds the weights the engines sampled
         with, so |log π_θ − log π_engine| there measures trainer/engine agreement
         ("rollout_logprob_abs_diff": numerics only, unless a weight push went wrong)."""
-        cfg = self.config
-        module = self.policy.module
-        use_kl = cfg.algorithm.beta_base > 0
-        indexed = iter(enumerate(mbs))
+        settings = LossSettings(
+            config=self.config, group=self.groups.loss_tp_group, vocab_size=self.arch.vocab_size, step=step,
+            single_pass=takes_single_pass(self.config), gated_token_scale=gated_token_scale,
+            first_minibatch=first_minibatch)
+        output_weight = self.policy.module.output_weight
+        # the per-micro-batch results of the earlier passes live on the last stage, where the loss runs
+        last = self.groups.is_last_stage
+        earlier = [{name: values[j] if last and values is not None else None
+                    for name, values in (("teacher", teacher), ("reference", reference), ("old", old))}
+                   for j in range(len(mbs))]
 
         def forward_step(data_iterator, model):
             j, mb = next(data_iterator)
             inputs = self._model_input(mb, "student")
             hidden = model(inputs.tokens, inputs.positions, None, packed_seq_params=inputs.packed_seq_params,
                            return_hidden=True)
+            return hidden, StudentLoss(settings, mb, inputs.response_mask, output_weight,
+                                       teacher_ran=teacher is not None, **earlier[j])
 
-            def loss_func(hidden_states):
-                num_tokens = torch.tensor(mb.num_tokens, dtype=torch.int)
-                if mb.num_tokens == 0:  # every response empty: nothing to learn, keep the graph
-                    return hidden_states.sum() * 0.0, num_tokens, {}
-                states = response_states(hidden_states, inputs.response_mask)
-                teacher_j = teacher[j] if teacher is not None else None
-                reference_j = None if reference is None else reference[j]
-                old_j = mb.rollout_logprobs if old is None else old[j]
-                teacher_logprobs = None if teacher_j is None else teacher_j.logprobs
-                with_kl = use_kl and teacher is not None
-
-                def token_loss(index, with_teacher):
-                    """The micro-batch loss's terms for its tokens `index`, chunk by chunk."""
-                    def chunk_loss(stats, rows):
-                        picked = rows if index is None else index[rows]
-
-                        def pick(values):
-                            return None if values is None else values[picked]
-
-                        reverse_kl = stats.reverse_kl if with_teacher else \
-                            (torch.zeros_like(stats.logprobs) if with_kl else None)
-                        return token_terms(
-                            logprobs=stats.logprobs, old_logprobs=pick(old_j),
-                            advantages=pick(mb.advantages), step=step, total_steps=cfg.schedule.total_steps,
-                            config=cfg.algorithm, reverse_kl=reverse_kl, ref_logprobs=pick(reference_j),
-                            teacher_logprobs=pick(teacher_logprobs), entropy=stats.entropy,
-                            rollout_logprobs=pick(mb.rollout_logprobs), gated_token_scale=gated_token_scale,
-                        ).per_token.sum()
-                    return chunk_loss
-
-                stats, kl_ran, fused_loss = self._loss_stats(
-                    states, module.output_weight(), mb, teacher_j, with_kl,
-                    token_loss=token_loss if self._single_pass() else None)
-                loss, metrics = sdpg_loss(
-                    logprobs=stats.logprobs, old_logprobs=old_j, advantages=mb.advantages,
-                    mask=torch.ones_like(stats.logprobs), step=step, total_steps=cfg.schedule.total_steps,
-                    config=cfg.algorithm, reverse_kl=stats.reverse_kl, ref_logprobs=reference_j,
-                    teacher_logprobs=teacher_logprobs, entropy=stats.entropy, num_tokens=1.0, reverse_kl_mask=kl_ran,
-                    rollout_logprobs=mb.rollout_logprobs, gated_token_scale=gated_token_scale,
-                )
-                if fused_loss is not None:  # the gradient is in it; sdpg_loss gave the metrics
-                    loss = fused_loss
-                    metrics["loss"] = fused_loss.detach()
-                # token-weighted sums, so the reduction over micro-batches and ranks is exact
-                # ("loss" already is one: the normaliser is applied by Megatron, see training.py)
-                sums = {k: metrics[k] * (1 if k == "loss" else mb.num_tokens) for k in LOSS_METRICS if k in metrics}
-                if kl_ran is not None and "opd_kl" in sums:  # a mean over the tokens the teacher ran for
-                    sums["opd_kl/tokens"] = kl_ran.sum().to(torch.float64)
-                    sums["opd_kl"] = metrics["opd_kl"] * sums["opd_kl/tokens"]
-                if first_minibatch:
-                    sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - mb.rollout_logprobs).abs().sum()
-                sums["tokens"] = torch.tensor(float(mb.num_tokens))
-                return loss, num_tokens, sums
-
-            return hidden, loss_func
-
-        return train_step(self.policy, forward_step, indexed, num_microbatches=len(mbs),
+        return train_step(self.policy, forward_step, iter(enumerate(mbs)), num_microbatches=len(mbs),
                           seq_length=batch.student_length, micro_batch_size=mbs[0].tokens.shape[0])
 
     # ------------------------------------------------------------------ reductions

@@ -9,6 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# Shared helpers hold asserts too: rewrite them like a test file's (must precede their import).
+pytest.register_assert_rewrite("tests.helpers")
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster():

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from tests.test_model_parity import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, tiny_hf_model
 
 GLOBAL_BATCH, SEQ = 2, 8
 PROBE = "decoder.layers.3.mlp.linear_fc2.weight"

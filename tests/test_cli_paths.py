@@ -9,7 +9,6 @@ scripts run under `env -i` with a PATH whose `python` cannot import torch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_conversion import run_tool_in_process
+from tests.helpers import run_tool_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "examples/sdpg_qwen3_4b_tp2.sh"
@@ -71,6 +70,18 @@ def test_evaluate_names_the_option_and_the_path(hf_dir, benchmark, tmp_path, cap
     stderr = _usage_error(main, ["--hf-dir", str(hf_dir), "--benchmark", f"amc={tmp_path / 'amc.parquet'}",
                                  "--out", str(tmp_path / "eval.json")], capsys)
     assert f"--benchmark: benchmark amc: {tmp_path / 'amc.parquet'} does not exist" in stderr
+
+
+def test_train_config_names_the_option_and_the_path(tmp_path, capsys):
+    from sdpg_megatron.cli import parse_args
+
+    missing = tmp_path / "runs" / "old" / "config.json"
+    stderr = _usage_error(parse_args, ["--config", str(missing)], capsys)
+    assert f"--config {missing}: no such file" in stderr and "out_dir/config.json" in stderr
+    broken = tmp_path / "config.json"
+    broken.write_text("{")
+    assert f"--config {broken}: not JSON" in _usage_error(parse_args, ["--config", str(broken)], capsys)
+    assert f"--config {tmp_path}: is a directory" in _usage_error(parse_args, ["--config", str(tmp_path)], capsys)
 
 
 def test_conversion_tools_name_the_option_and_the_path(hf_dir, tmp_path, capsys):

@@ -8,11 +8,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,23 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from tests.test_model_parity import VOCAB, tiny_hf_model
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args],
-                          capture_output=True, text=True, timeout=600)
-
-
-def run_tool_in_process(tool: str, *args: str, capsys) -> tuple[int, str]:
-    """The tool's main() in this process (no interpreter start-up): (exit code, stderr)."""
-    spec = importlib.util.spec_from_file_location(tool.removesuffix(".py"), ROOT / "tools" / tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(list(args))
-    return code, capsys.readouterr().err
+from tests.helpers import VOCAB, pipeline_forward, run_tool, run_tool_in_process, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +67,6 @@ def _load_at_layouts(rank: int, world_size: int, mcore_dirs: dict, hf_dirs: dict
     from sdpg_megatron.model.convert import load_mcore_weights, read_model_info
     from sdpg_megatron.model.provider import model_provider, transformer_config
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
-    from tests.test_model_parity import _pipeline_forward
 
     results = {}
     for tp, pp in layouts:
@@ -102,7 +82,7 @@ def _load_at_layouts(rank: int, world_size: int, mcore_dirs: dict, hf_dirs: dict
                         param.fill_(-123.0)  # anything not loaded shows
                 load_mcore_weights(model, mcore_dir)  # what the trainer does with model.mcore_dir
                 input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
-                logits = _pipeline_forward(model, config, input_ids, return_hidden=False)
+                logits = pipeline_forward(model, config, input_ids, return_hidden=False)
                 if groups.is_last_stage:
                     parts = [torch.empty_like(logits) for _ in range(tp)]
                     dist.all_gather(parts, logits.contiguous(), group=groups.tp_group)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import last_stage_report as _last, run_distributed
+from tests.helpers import random_step_batch
 
 VOCAB = 512
 # (advantage, response length): a long tail among short responses
@@ -24,17 +25,7 @@ BUDGET = 64
 
 
 def _batch():
-    from sdpg_megatron.experience import Sample, make_step_batch
-
-    generator = torch.Generator().manual_seed(7)
-    samples = []
-    for index, (_, length) in enumerate(SAMPLES):
-        prompt = torch.randint(0, VOCAB, (4 + index % 3,), generator=generator).tolist()
-        hint = torch.randint(0, VOCAB, (3,), generator=generator).tolist()
-        response = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
-        samples.append(Sample(group=index // 4, student_prompt=prompt, teacher_prompt=prompt + hint, response=response,
-                              rollout_logprobs=[-6.0] * length, reward=0.0, correct=False))
-    return make_step_batch(1, samples, 4), torch.tensor([a for a, _ in SAMPLES])
+    return random_step_batch(VOCAB, SAMPLES, seed=7, prompt_lengths=[4 + index % 3 for index in range(len(SAMPLES))])
 
 
 def test_token_budget_groups_cover_every_sample_within_the_budget():

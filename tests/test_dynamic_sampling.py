@@ -8,12 +8,10 @@ to draw more generation batches.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from sdpg_megatron.driver import Driver, PhaseTimer
-from sdpg_megatron.rollout.fleet import Rollout
+from tests.helpers import arithmetic_task, patterned_groups
 
 GROUP = 4
 PROMPTS = 8  # per step; 2 PPO mini-batches of 4 prompts
@@ -31,28 +29,14 @@ class PatternFleet:
 
     def generate(self, prompts, n, sampling, *, seed=None):
         self.calls.append((len(prompts), seed))
-        groups = []
-        for index, prompt in enumerate(prompts):
-            draw = random.Random(f"{tuple(prompt)}:{seed}").random()
-            right = n // 2 if draw < self.informative_share else (n if draw < (1 + self.informative_share) / 2 else 0)
-            group = []
-            for k in range(n):
-                answer = self.answers[tuple(prompt)] if k < right else "-1"
-                ids = self.tokenizer.encode(f"so \\boxed{{{answer}}}", add_special_tokens=False)
-                group.append(Rollout(prompt_index=index, token_ids=ids, logprobs=[-0.5] * len(ids),
-                                     finish_reason="stop", weight_version=0))
-            groups.append(group)
-        return groups
+        return patterned_groups(self.tokenizer, self.answers, prompts, n, seed,
+                                informative_share=self.informative_share)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sdpg_megatron.data import arithmetic_problems, build_char_tokenizer, write_dapo_parquet
-
     root = tmp_path_factory.mktemp("dynamic")
-    tokenizer = build_char_tokenizer(root / "model")
-    write_dapo_parquet(arithmetic_problems(40, seed=1, max_operand=9), root / "train.parquet")
-    return root, tokenizer
+    return root, arithmetic_task(root)
 
 
 def _config(root, out: str, **schedule):

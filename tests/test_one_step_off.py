@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from sdpg_megatron.driver import Driver, PhaseTimer, rollout_seed
-from sdpg_megatron.rollout.fleet import EngineFailedError, Rollout, StaleWeightsError
+from sdpg_megatron.rollout.fleet import EngineFailedError, StaleWeightsError
 from tests.distributed import run_distributed
+from tests.helpers import arithmetic_task, driver_rank_fleet, patterned_groups
 
 GROUP = 4
 PROMPTS = 4  # per step; 2 PPO mini-batches of 2 prompts
@@ -89,29 +90,16 @@ class JitteryFleet:
         expected = version if expected_version is None else expected_version
         if version != expected:
             raise StaleWeightsError(f"answered from weight version {version}, expected {expected}")
-        groups = []
-        for index, prompt in enumerate(prompts):
-            draw = random.Random(f"{tuple(prompt)}:{seed}").random()
-            right = n // 2 if draw < self.share else (n if draw < (1 + self.share) / 2 else 0)
-            group = []
-            for k in range(n):
-                answer = self.answers[tuple(prompt)] if k < right else "-1"
-                ids = self.tokenizer.encode(f"so \\boxed{{{answer}}}", add_special_tokens=False)
-                group.append(Rollout(prompt_index=index, token_ids=ids, logprobs=[-0.5] * len(ids),
-                                     finish_reason="stop", weight_version=version))
-            groups.append(group)
+        groups = patterned_groups(self.tokenizer, self.answers, prompts, n, seed, informative_share=self.share,
+                                  version=version)
         self.calls.append((threading.current_thread().name, seed, version, started, time.perf_counter()))
         return groups
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sdpg_megatron.data import arithmetic_problems, build_char_tokenizer, write_dapo_parquet
-
     root = tmp_path_factory.mktemp("one_step_off")
-    tokenizer = build_char_tokenizer(root / "model")
-    write_dapo_parquet(arithmetic_problems(40, seed=1, max_operand=9), root / "train.parquet")
-    return root, tokenizer
+    return root, arithmetic_task(root)
 
 
 def _driver_config(root, out: str, mode: str, total_steps: int = 4):
@@ -346,26 +334,15 @@ def _run(recorder, config, groups, fleet, rank: int, stop_after=None) -> dict:
 
 
 def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
-    import os
-    import tempfile
-
     from sdpg_megatron.metrics import read_metrics
     from sdpg_megatron.parallel.groups import initialize_parallel
-    from sdpg_megatron.rollout.engine import EngineSettings, SamplingSettings
-    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
+    from sdpg_megatron.rollout.engine import SamplingSettings
 
     torch.set_num_threads(1)
     groups = initialize_parallel(tensor_parallel=2, pipeline_parallel=1, seed=0)
-    fleet, ray_dir, recorder = None, None, None
-    if rank == 0:
-        ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")
-        os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(ray_dir, "vllm-cache"))
-        connect_ray(temp_dir=ray_dir, num_cpus=2)
-        fleet = RolloutFleet(FleetSettings(num_engines=1, engine=EngineSettings(
-            model_dir=tiny.model_dir, kv_cache_bytes=256 * 2**20, max_model_len=424, max_num_seqs=64)))
-        recorder = _Recorder(fleet)
     report = {}
-    try:
+    with driver_rank_fleet(rank, tiny.model_dir, max_model_len=424) as fleet:
+        recorder = _Recorder(fleet) if rank == 0 else None
         for name, mode, stop in (("sync", "sync", None), ("ahead", "one_step_off", None),
                                  ("resumed", "one_step_off", 2)):
             report[name] = _run(recorder, _config(tiny, root / name, mode), groups, fleet, rank, stop)
@@ -391,13 +368,6 @@ def _scenarios(rank: int, world_size: int, tiny, root) -> dict:
                 recorder.generate([[1, 2, 3]], n=1, sampling=sampling, expected_version=version - 1)
             except StaleWeightsError as error:
                 report["expected_error"] = str(error)
-    finally:
-        if fleet is not None:
-            import ray
-
-            fleet.shutdown()
-            ray.shutdown()
-            shutil.rmtree(ray_dir, ignore_errors=True)
     return report
 
 

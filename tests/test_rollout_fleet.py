@@ -8,7 +8,6 @@ the second one is set to gloo, so both wires take a whole push.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from tests.test_model_parity import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, pipeline_forward, tiny_hf_model
 
 SEQUENCES = [[5, 17, 42, 99, 3, 250, 7, 7, 180], [1, 2, 3, 4, 5, 6], [299, 0, 150, 150, 12, 8, 40]]
 
@@ -27,26 +26,20 @@ SEQUENCES = [[5, 17, 42, 99, 3, 250, 7, 7, 180], [1, 2, 3, 4, 5, 6], [299, 0, 15
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     from sdpg_megatron.rollout.engine import EngineSettings
-    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
+    from sdpg_megatron.rollout.fleet import FleetSettings
+    from sdpg_megatron.rollout.launch import running_fleet
 
     arch, hf_model = tiny_hf_model(tied=True)
     model_dir = tmp_path_factory.mktemp("engine_model")
     hf_model.generation_config.eos_token_id = 2
     hf_model.save_pretrained(model_dir)
-    run_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")  # short: Ray puts sockets here
-    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(run_dir, "vllm-cache"))
-    connect_ray(temp_dir=run_dir, num_cpus=2)
-    fleet = RolloutFleet(FleetSettings(
+    settings = FleetSettings(
         num_engines=1, cpus_per_engine=1,
         engine=EngineSettings(model_dir=str(model_dir), kv_cache_bytes=64 * 2**20, max_model_len=512, max_num_seqs=64),
-    ))
-    fleet.hf_model = hf_model
-    yield fleet
-    fleet.shutdown()
-    import ray
-
-    ray.shutdown()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    )
+    with running_fleet(settings, num_cpus=2) as fleet:  # a local Ray, stopped with the fleet
+        fleet.hf_model = hf_model
+        yield fleet
 
 
 def _hf_logprobs(model, sequences):
@@ -96,7 +89,6 @@ def _megatron_push(rank: int, world_size: int, tp: int, pp: int, noise_seed: int
     from sdpg_megatron.parallel import padded_vocab_size
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
     from sdpg_megatron.rollout.buckets import hf_buckets
-    from tests.test_model_parity import _pipeline_forward
 
     groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=0)
     try:
@@ -113,7 +105,7 @@ def _megatron_push(rank: int, world_size: int, tp: int, pp: int, noise_seed: int
                         tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank)
         logprobs = []
         for seq in SEQUENCES:
-            logits = _pipeline_forward(model, config, torch.tensor([seq]), return_hidden=False)
+            logits = pipeline_forward(model, config, torch.tensor([seq]), return_hidden=False)
             if groups.is_last_stage:
                 parts = [torch.empty_like(logits) for _ in range(tp)]
                 dist.all_gather(parts, logits.contiguous(), group=groups.tp_group)
@@ -271,7 +263,6 @@ def test_engine_at_tensor_parallel_2_takes_a_push(fleet):
     from sdpg_megatron.rollout.buckets import pack_buckets
     from sdpg_megatron.rollout.engine import EngineSettings
     from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet
-    from tests.test_model_parity import tiny_hf_model
 
     _, hf_model = tiny_hf_model(tied=True)
     model_dir = tempfile.mkdtemp(prefix="sdpg-tp2-engine-", dir="/tmp")

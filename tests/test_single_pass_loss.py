@@ -1,7 +1,7 @@
 """`vocab_parallel_token_loss`: the loss's gradient taken in the forward, chunk by chunk.
 
-Against the same fp64 full-vocabulary oracle as `vocab_parallel_token_stats` (the cases of
-`tests/test_vocab_parallel.py`, TP = 1, 2 and 4 on gloo ranks, both ∂W accumulations), and
+Against the same fp64 full-vocabulary oracle as `vocab_parallel_token_stats` (the cases it
+is checked on, from `tests/helpers.py`; TP = 1, 2 and 4 on gloo ranks, both ∂W accumulations), and
 against the two-pass path with a nonlinear loss; plus its collectives, the chunks it hands
 the loss, and its errors.
 """
@@ -10,58 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from sdpg_megatron.parallel import split_vocab_shard, vocab_parallel_token_loss, vocab_parallel_token_stats
-from tests.distributed import run_distributed
-from tests.test_vocab_parallel import CASES, TP_SIZES, assert_matches_reference, counting_all_reduce, make_inputs
-
-
-def _single_pass_results(rank: int, world_size: int, backend: str = "torch", fp32_grad_weight: bool = False) -> dict:
-    """Per case what `_distributed_stats` records, through the single pass: the loss is
-    Σ_n (upstream · stats)[n], so its gradients are the oracle's."""
-    group = dist.new_group(list(range(world_size))) if world_size > 1 else None
-    results = {}
-    for case in CASES:
-        student, teacher, weight, targets, mask, upstream = make_inputs(case)
-        student.requires_grad_(True)
-        shard = split_vocab_shard(weight, world_size, rank).clone().requires_grad_(True)
-        chunks = []
-
-        def token_loss(stats, rows):
-            chunks.append((rows.start, rows.stop))
-            outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
-            return sum((o * g[rows]).sum() for o, g in zip(outputs, upstream))
-
-        with counting_all_reduce() as calls:
-            loss, stats = vocab_parallel_token_loss(
-                student, shard, targets, teacher, token_loss=token_loss, group=group, vocab_size=case.vocab,
-                temperature=case.temperature, chunk_size=case.chunk_size, mask=mask, backend=backend,
-                fp32_grad_weight=fp32_grad_weight,
-            )
-            forward_calls = list(calls)
-            (3.0 * loss).backward()  # backward scales the gradient taken in the forward
-        outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
-        expected_loss = sum((o * g).sum() for o, g in zip(outputs, upstream))
-        results[case.name] = {
-            "outputs": outputs,
-            "grad_hidden": student.grad / 3.0,
-            "grad_shard": shard.grad / 3.0,
-            "loss_error": abs(loss.item() - expected_loss.item()) / max(abs(expected_loss.item()), 1e-30),
-            "chunks": chunks,
-            "forward_calls": forward_calls,
-            "backward_calls": calls[len(forward_calls):],
-        }
-    return results
+from sdpg_megatron.parallel import vocab_parallel_token_loss, vocab_parallel_token_stats
+from tests.helpers import CASES, TP_SIZES, assert_matches_reference, results_at_tp, single_pass_stats
 
 
 @pytest.fixture(scope="module", params=[(tp, fp32) for tp in TP_SIZES for fp32 in (False, True)],
                 ids=lambda p: f"tp{p[0]}-{'fp32' if p[1] else 'weight_dtype'}_grad_weight")
 def single_pass_results(request):
     tp, fp32 = request.param
-    if tp == 1:
-        return tp, [_single_pass_results(0, 1, "torch", fp32)]
-    return tp, run_distributed(_single_pass_results, tp, "torch", fp32)
+    return tp, results_at_tp(single_pass_stats, tp, "torch", fp32)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -8,6 +8,11 @@
   first, so it counts as importing them too, except for the importer's own packages
   (which Python has already started). Imports inside functions and under
   `if TYPE_CHECKING:` are not run at import time and do not count for cycles.
+- Functions nest at most two deep (a function in a function): a loss or a pass callback
+  past that is a named object or a module-level function (`partial(loss_func, ...)`).
+- Test files share code through helper modules (tests/helpers.py, tests/distributed.py),
+  never by importing another test file: no file in tests/ imports a `tests.test_*` module,
+  at module level or inside a function.
 """
 
 from __future__ import annotations
@@ -192,3 +197,89 @@ def test_the_checks_see_what_they_should():
     assert not found["sub.d"].private  # a dunder is public
     graph = {f"{PACKAGE}.{short}": imports.edges for short, imports in found.items()}
     assert import_cycles(graph) == [[f"{PACKAGE}.a", f"{PACKAGE}.sub", f"{PACKAGE}.sub.d"]]
+
+
+def imports_of_test_modules(tree: ast.AST, package: str = "tests") -> list[str]:
+    """The imports anywhere in `tree` (a file of the `package` folder) that name a test module
+    (`test_*`) of that folder: `import tests.test_x`, `from tests.test_x import y`,
+    `from tests import test_x`, and their relative forms."""
+    found = []
+    for node in sorted(ast.walk(tree), key=lambda n: getattr(n, "lineno", 0)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            if node.level == 1:  # from .x / from . (tests/ has no subpackages)
+                source = ".".join(part for part in (package, source) if part)
+            names = [source] + [f"{source}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[0] == package and parts[1].startswith("test_"):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+                break
+    return found
+
+
+def test_test_files_share_code_through_helpers_only():
+    crossings = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        found = imports_of_test_modules(ast.parse(path.read_text(), filename=str(path)))
+        if found:
+            crossings[str(path.relative_to(ROOT))] = found
+    assert not crossings, (
+        "test files importing other test files (move what they share into tests/helpers.py): "
+        f"{crossings}"
+    )
+
+
+def test_the_test_import_check_sees_what_it_should():
+    source = (
+        "from tests.test_model_parity import VOCAB\n"
+        "import tests.test_conversion as conversion\n"
+        "from tests import test_vocab_parallel, helpers\n"
+        "from .test_train import _config\n"
+        "def f():\n    from tests.test_model_parity import _pipeline_forward\n"
+        "from tests.helpers import VOCAB\nfrom tests.distributed import run_distributed\nimport tests.helpers\n"
+        "from . import helpers\nimport testing.test_x\n"
+    )
+    assert [line.split(":")[0] for line in imports_of_test_modules(ast.parse(source))] == [
+        "line 1", "line 2", "line 3", "line 4", "line 6"]
+
+
+MAX_FUNCTION_NESTING = 2  # a function in a function; a third level is a named object or a module function
+
+
+def deepest_nesting(tree: ast.AST) -> tuple[int, list[str]]:
+    """The most functions (defs and lambdas) nested in one another anywhere in `tree`, and
+    that chain's names, outermost first. A class does not count: a method is level 1."""
+    deepest: tuple[int, list[str]] = (0, [])
+    stack: list[tuple[ast.AST, list[str]]] = [(tree, [])]
+    while stack:
+        node, chain = stack.pop()
+        for child in ast.iter_child_nodes(node):
+            inner = chain
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                inner = chain + [getattr(child, "name", "<lambda>")]
+                deepest = max(deepest, (len(inner), inner), key=lambda found: found[0])
+            stack.append((child, inner))
+    return deepest
+
+
+def test_closures_are_at_most_two_deep():
+    """A loss is a named object in the shape of Megatron's `partial(loss_func, ...)`, not a
+    closure six functions deep (docs/STYLE.md): no function of the package nests deeper."""
+    deep = {}
+    for name, path in _modules().items():
+        depth, chain = deepest_nesting(ast.parse(path.read_text(), filename=str(path)))
+        if depth > MAX_FUNCTION_NESTING:
+            deep[name] = " → ".join(chain)
+    assert not deep, f"functions nested more than {MAX_FUNCTION_NESTING} deep (name the inner ones): {deep}"
+
+
+def test_the_nesting_check_sees_what_it_should():
+    source = ("def a():\n    def b():\n        return lambda x: x\n    return b\n"
+              "class C:\n    def m(self):\n        def n():\n            pass\n")
+    assert deepest_nesting(ast.parse(source)) == (3, ["a", "b", "<lambda>"])
+    assert deepest_nesting(ast.parse("class C:\n    def m(self):\n        return [lambda: 0]\n"))[0] == 2

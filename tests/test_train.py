@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.helpers import driver_rank_fleet
 
 PRESETS = ["sdpg-urkl", "sdpg-ufkl", "grpo", "rlsd", "opcd", "opsd", "ablation-beta0", "ablation-alpha0"]
 BAD_ROWS = 2  # appended to the training file: no ground truth, empty prompt
@@ -93,27 +94,14 @@ def _weights(trainer) -> torch.Tensor:
 
 
 def _scenarios(rank: int, world_size: int, tiny, thinking_tiny, root) -> dict:
-    import os
-    import shutil
-    import tempfile
-
     from sdpg_megatron.metrics import read_metrics
     from sdpg_megatron.parallel.groups import initialize_parallel
-    from sdpg_megatron.rollout.engine import EngineSettings
-    from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
     from sdpg_megatron.train import Trainer
 
     torch.set_num_threads(1)
     groups = initialize_parallel(tensor_parallel=2, pipeline_parallel=1, seed=0)
-    fleet, ray_dir = None, None
-    if rank == 0:
-        ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")
-        os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(ray_dir, "vllm-cache"))
-        connect_ray(temp_dir=ray_dir, num_cpus=2)
-        fleet = RolloutFleet(FleetSettings(num_engines=1, engine=EngineSettings(
-            model_dir=tiny.model_dir, kv_cache_bytes=256 * 2**20, max_model_len=1524, max_num_seqs=64)))
     report = {}
-    try:
+    with driver_rank_fleet(rank, tiny.model_dir, max_model_len=1524) as fleet:
         # Too few usable problems: rank 0 fails while building its driver, and every rank
         # raises with the reason instead of waiting in the next collective.
         try:
@@ -154,13 +142,6 @@ def _scenarios(rank: int, world_size: int, tiny, thinking_tiny, root) -> dict:
         # every rank stops with the driver's message instead of waiting in a bucket gather.
         for name, (tp, pp) in (("push_failure_tp2", (2, 1)), ("push_failure_pp2", (1, 2))):
             report[name] = _failed_push(rank, tiny, root / name, fleet, tp, pp)
-    finally:
-        if fleet is not None:
-            import ray
-
-            fleet.shutdown()
-            ray.shutdown()
-            shutil.rmtree(ray_dir, ignore_errors=True)
     return report
 
 

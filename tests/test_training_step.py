@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from tests.test_model_parity import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, tiny_hf_model
 
 GLOBAL_BATCH, SEQ = 4, 10
 PROBE = "decoder.layers.3.mlp.linear_fc2.weight"  # a row-parallel weight on the last stage

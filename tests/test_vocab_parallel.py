@@ -6,146 +6,25 @@ cases); values and both gradients must match the reference gathered over the voc
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdpg_megatron.parallel import padded_vocab_size, split_vocab_shard, vocab_parallel_token_stats
-from sdpg_megatron.parallel.reference import naive_token_stats
 from tests.distributed import run_distributed
-
-RTOL = 1e-5
-TP_SIZES = (1, 2, 4)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    num_tokens: int
-    hidden: int
-    vocab: int
-    pad_multiple: int  # padded vocab = multiple of pad_multiple · 4 (the same at every TP)
-    chunk_size: int
-    teacher: bool = True
-    masked: bool = False
-    temperature: float = 1.0
-    logit_scale: float = 1.0
-    seed: int = 0
-
-    @property
-    def padded_vocab(self) -> int:
-        return padded_vocab_size(self.vocab, max(TP_SIZES), self.pad_multiple)
-
-
-CASES = [
-    Case("uneven_chunks_mask_padding_temp", 37, 16, 100, 8, 10, masked=True, temperature=0.7),
-    Case("even_chunks_no_padding", 32, 24, 256, 8, 8, seed=1),
-    Case("student_only_chunk_larger_than_n", 20, 16, 250, 8, 64, teacher=False, seed=2),
-    Case("padding_fills_whole_shards", 24, 16, 100, 128, 7, masked=True, seed=3),
-    Case("large_logits", 40, 32, 192, 8, 16, logit_scale=4.0, temperature=1.3, seed=4),
-]
-
-
-def make_inputs(case: Case):
-    generator = torch.Generator().manual_seed(case.seed)
-    student = torch.randn(case.num_tokens, case.hidden, generator=generator) * case.logit_scale
-    teacher = student + 0.5 * torch.randn(case.num_tokens, case.hidden, generator=generator)
-    weight = torch.randn(case.padded_vocab, case.hidden, generator=generator) / case.hidden**0.5
-    targets = torch.randint(0, case.vocab, (case.num_tokens,), generator=generator)
-    mask = torch.rand(case.num_tokens, generator=generator) > 0.3 if case.masked else None
-    if mask is not None:
-        targets = torch.where(mask, targets, torch.full_like(targets, -100))  # ignored slots
-    upstream = torch.randn(3, case.num_tokens, generator=generator)
-    return student, teacher if case.teacher else None, weight, targets, mask, upstream
-
-
-@contextlib.contextmanager
-def counting_all_reduce():
-    """Records (op, numel) of every `dist.all_reduce` inside the block."""
-    calls, original = [], dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        calls.append((str(kwargs.get("op", "")), tensor.numel()))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = original
-
-
-def _distributed_stats(rank: int, world_size: int, backend: str = "torch") -> dict:
-    group = dist.new_group(list(range(world_size))) if world_size > 1 else None
-    results = {}
-    for case in CASES:
-        student, teacher, weight, targets, mask, upstream = make_inputs(case)
-        student.requires_grad_(True)
-        shard = split_vocab_shard(weight, world_size, rank).clone().requires_grad_(True)
-        with counting_all_reduce() as calls:
-            stats = vocab_parallel_token_stats(
-                student, shard, targets, teacher, group=group, vocab_size=case.vocab,
-                temperature=case.temperature, chunk_size=case.chunk_size, mask=mask, backend=backend,
-            )
-            forward_calls = list(calls)
-            outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
-            sum((o * g).sum() for o, g in zip(outputs, upstream)).backward()
-        results[case.name] = {
-            "outputs": [o.detach() for o in outputs],
-            "grad_hidden": student.grad,
-            "grad_shard": shard.grad,
-            "forward_calls": forward_calls,
-            "backward_calls": calls[len(forward_calls):],
-        }
-    return results
+from tests.helpers import (
+    CASES, RTOL, TP_SIZES, assert_matches_reference, distributed_stats, make_inputs, relative_error, results_at_tp,
+)
 
 
 @pytest.fixture(scope="module", params=TP_SIZES, ids=lambda tp: f"tp{tp}")
 def distributed_results(request):
-    tp = request.param
-    if tp == 1:
-        return tp, [_distributed_stats(0, 1)]
-    return tp, run_distributed(_distributed_stats, tp)
-
-
-def _reference(case: Case):
-    student, teacher, weight, targets, mask, upstream = make_inputs(case)
-    student64 = student.double().requires_grad_(True)
-    weight64 = weight.double().requires_grad_(True)
-    stats = naive_token_stats(
-        student64, weight64, targets.clamp_min(0), None if teacher is None else teacher.double(),
-        vocab_size=case.vocab, temperature=case.temperature, mask=mask,
-    )
-    outputs = [stats.logprobs, stats.entropy] + ([stats.reverse_kl] if teacher is not None else [])
-    sum((o * g.double()).sum() for o, g in zip(outputs, upstream)).backward()
-    return [o.detach() for o in outputs], student64.grad, weight64.grad
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    return request.param, results_at_tp(distributed_stats, request.param)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_naive_fp64_reference(distributed_results, case):
     assert_matches_reference(*distributed_results, case)
-
-
-def assert_matches_reference(tp: int, per_rank: list[dict], case: Case) -> None:
-    """Values and both gradients of every rank against the fp64 oracle (shared with the
-    Triton backend's tests)."""
-    expected_outputs, expected_grad_hidden, expected_grad_weight = _reference(case)
-    for rank, results in enumerate(per_rank):
-        got = results[case.name]
-        for name, actual, expected in zip(["logprobs", "entropy", "reverse_kl"], got["outputs"], expected_outputs):
-            assert relative_error(actual, expected) <= RTOL, f"tp{tp} rank{rank} {name}"
-        assert relative_error(got["grad_hidden"], expected_grad_hidden) <= RTOL, f"tp{tp} rank{rank} grad_hidden"
-    grad_weight = torch.cat([results[case.name]["grad_shard"] for results in per_rank])
-    assert relative_error(grad_weight, expected_grad_weight) <= RTOL, f"tp{tp} grad_weight"
-    assert torch.all(grad_weight[case.vocab:] == 0), "padded vocabulary rows must get no gradient"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

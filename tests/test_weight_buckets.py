@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_model_parity import VOCAB, tiny_hf_model
+from tests.helpers import VOCAB, tiny_hf_model
 
 BUCKET_BYTES = 200_000
 

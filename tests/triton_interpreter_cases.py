@@ -30,24 +30,21 @@ from sdpg_megatron.parallel import triton_token_stats  # noqa: E402
 from sdpg_megatron.parallel import split_vocab_shard, vocab_parallel_token_stats  # noqa: E402
 from sdpg_megatron.parallel.reference import naive_token_stats  # noqa: E402
 from sdpg_megatron.parallel.vocab_parallel import resolve_backend  # noqa: E402
-from tests.distributed import run_distributed  # noqa: E402
-from tests.test_vocab_parallel import (  # noqa: E402
-    CASES, RTOL, _distributed_stats, _reference, assert_matches_reference, make_inputs, relative_error,
+from tests.helpers import (  # noqa: E402
+    CASES, RTOL, assert_matches_reference, distributed_stats, make_inputs, reference_stats, relative_error,
+    results_at_tp, single_pass_stats,
 )
 
 
 def _triton_stats(rank: int, world_size: int) -> dict:
     # Spawned ranks inherit TRITON_INTERPRET=1 from this process.
     assert triton_token_stats._INTERPRET
-    return _distributed_stats(rank, world_size, "triton")
+    return distributed_stats(rank, world_size, "triton")
 
 
 @pytest.fixture(scope="module", params=(1, 2), ids=lambda tp: f"tp{tp}")
 def triton_results(request):
-    tp = request.param
-    if tp == 1:
-        return tp, [_triton_stats(0, 1)]
-    return tp, run_distributed(_triton_stats, tp)
+    return request.param, results_at_tp(_triton_stats, request.param)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -72,7 +69,7 @@ def test_one_split_walks_every_tile_online(monkeypatch):
     monkeypatch.setattr(triton_token_stats, "_vocab_splits", one_split)
     for case in CASES:
         assert case.vocab > 2 * config.block_n  # several tiles per program
-        results = [_distributed_stats(0, 1, "triton")]
+        results = [distributed_stats(0, 1, "triton")]
         assert_matches_reference(1, results, case)
 
 
@@ -92,7 +89,7 @@ def test_several_splits_and_gradient_blocks(monkeypatch):
                                        temperature=case.temperature, backend="triton")
     outputs = [stats.logprobs, stats.entropy, stats.reverse_kl]
     sum((o * g).sum() for o, g in zip(outputs, upstream)).backward()
-    expected_outputs, expected_grad_hidden, expected_grad_weight = _reference(case)
+    expected_outputs, expected_grad_hidden, expected_grad_weight = reference_stats(case)
     for actual, expected in zip(outputs, expected_outputs):
         assert relative_error(actual.detach(), expected) <= RTOL
     assert relative_error(student.grad, expected_grad_hidden) <= RTOL
@@ -114,7 +111,7 @@ def test_tma_descriptors_and_flattened_forward_loop(monkeypatch):
         return original(tensor, block_shape)
 
     monkeypatch.setattr(triton_token_stats.TensorDescriptor, "from_tensor", counting)
-    results = [_distributed_stats(0, 1, "triton")]
+    results = [distributed_stats(0, 1, "triton")]
     for case in CASES:
         assert_matches_reference(1, results, case)
     assert (tma_config.block_n, tma_config.block_k) in made and (tma_config.block_m, tma_config.block_k) in made
@@ -257,10 +254,7 @@ def test_backend_choice(monkeypatch):
 def test_single_pass_row_kernels_match_naive_fp64_reference(tp):
     """`vocab_parallel_token_loss(backend="triton")`: the row kernels for the statistics and
     ∂z inside the chunked single pass, every case, at TP 1 and 2."""
-    from tests.test_single_pass_loss import _single_pass_results
-
-    per_rank = [_single_pass_results(0, 1, "triton")] if tp == 1 else run_distributed(
-        _single_pass_results, tp, "triton")
+    per_rank = results_at_tp(single_pass_stats, tp, "triton")
     for case in CASES:
         assert_matches_reference(tp, per_rank, case)
 

@@ -197,40 +197,67 @@ def sdpg_loss(
     mask = mask.to(logprobs.dtype)
     if num_tokens is None:
         num_tokens = mask.sum()
-    metrics: dict[str, torch.Tensor] = {}
-
-    def token_mean(values: torch.Tensor, over: torch.Tensor = mask) -> torch.Tensor:
-        return ((values.detach() * over).sum() / over.sum().clamp_min(1.0)).detach()
-
     terms = token_terms(
         logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, step=step, total_steps=total_steps,
         config=config, reverse_kl=reverse_kl, ref_logprobs=ref_logprobs, teacher_logprobs=teacher_logprobs,
         entropy=entropy, rollout_logprobs=rollout_logprobs, gated_token_scale=gated_token_scale,
     )
-    if terms.tis_weight is not None:
-        metrics["tis_weight"] = token_mean(terms.tis_weight)
-    if terms.outcome is not None:
-        outcome = terms.outcome
-        metrics["outcome_loss"] = token_mean(outcome.loss)
-        metrics["ratio_mean"] = token_mean(outcome.ratio)
-        metrics["clip_frac_low"] = token_mean(outcome.clipped_low.to(mask.dtype))
-        metrics["clip_frac_high"] = token_mean(outcome.clipped_high.to(mask.dtype))
-        metrics["dual_clip_frac"] = token_mean(outcome.dual_clipped.to(mask.dtype))
+    sums = metric_sums(terms, logprobs=logprobs, mask=mask, reverse_kl=reverse_kl, reverse_kl_mask=reverse_kl_mask,
+                       ref_logprobs=ref_logprobs, entropy=entropy)
+    tokens = mask.sum()
+    metrics = {key: (value / sums.get(f"{key}/tokens", tokens).clamp_min(1.0)).detach()
+               for key, value in sums.items() if not key.endswith("/tokens")}
     metrics["beta"] = torch.tensor(terms.beta, dtype=torch.float64)
-    if reverse_kl is not None:
-        computed = mask if reverse_kl_mask is None else mask * reverse_kl_mask.to(mask.dtype)
-        metrics["opd_kl"] = token_mean(reverse_kl, computed)
-    if terms.gate is not None:
-        metrics["gate_frac"] = token_mean(terms.gate)
-    if terms.penalty is not None:
-        metrics["anchor"] = token_mean(terms.penalty)
-    if ref_logprobs is not None:
-        # k3 estimate of KL(π_θ ‖ π_ref) on sampled tokens, for monitoring.
-        log_w = (logprobs - ref_logprobs).detach()
-        metrics["ref_kl_k3"] = token_mean(torch.exp(-log_w) - 1.0 + log_w)
-    if entropy is not None:
-        metrics["entropy"] = token_mean(entropy)
-
     loss = (terms.per_token * mask).sum() / num_tokens
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def metric_sums(
+    terms: TokenTerms,
+    *,
+    logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reverse_kl: torch.Tensor | None = None,
+    reverse_kl_mask: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The objective's metrics as detached token sums over `mask` (None: every token),
+    from the same `TokenTerms` the loss is made of: Σ_t value_t · mask_t per metric, and
+    "opd_kl/tokens", the count opd_kl is a mean over (the tokens whose reverse_kl was
+    computed: `reverse_kl_mask`). Every other metric is a mean over mask.sum() tokens.
+    Sums over chunks, micro-batches and ranks add up to the sums of the whole."""
+
+    def total(values: torch.Tensor, over: torch.Tensor | None = mask) -> torch.Tensor:
+        values = values.detach().to(logprobs.dtype)
+        return values.sum() if over is None else (values * over).sum()
+
+    sums: dict[str, torch.Tensor] = {}
+    if terms.tis_weight is not None:
+        sums["tis_weight"] = total(terms.tis_weight)
+    if terms.outcome is not None:
+        outcome = terms.outcome
+        sums["outcome_loss"] = total(outcome.loss)
+        sums["ratio_mean"] = total(outcome.ratio)
+        sums["clip_frac_low"] = total(outcome.clipped_low)
+        sums["clip_frac_high"] = total(outcome.clipped_high)
+        sums["dual_clip_frac"] = total(outcome.dual_clipped)
+    if reverse_kl is not None:
+        computed = mask
+        if reverse_kl_mask is not None:
+            computed = reverse_kl_mask.to(logprobs.dtype) if mask is None else mask * reverse_kl_mask.to(mask.dtype)
+        sums["opd_kl"] = total(reverse_kl, computed)
+        sums["opd_kl/tokens"] = torch.tensor(float(reverse_kl.numel()), dtype=logprobs.dtype,
+                                             device=logprobs.device) if computed is None else computed.sum()
+    if terms.gate is not None:
+        sums["gate_frac"] = total(terms.gate)
+    if terms.penalty is not None:
+        sums["anchor"] = total(terms.penalty)
+    if ref_logprobs is not None:
+        # k3 estimate of KL(π_θ ‖ π_ref) on sampled tokens, for monitoring.
+        log_w = (logprobs - ref_logprobs).detach()
+        sums["ref_kl_k3"] = total(torch.exp(-log_w) - 1.0 + log_w)
+    if entropy is not None:
+        sums["entropy"] = total(entropy)
+    return sums

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -75,19 +76,17 @@ def hf_to_mcore(
         names = [name for name, _ in meta.named_parameters()]
         bar = tqdm(total=len(names), desc="hf→mcore", unit="tensor", disable=not progress)
 
-        def producer(name: str):
-            def produce():
-                hf_names, kind = find_rule(arch, global_name(name, 0))
-                tensor = to_mcore(kind, [source.read(h).to(dtype) for h in hf_names], arch, padded_vocab)
-                bar.update(1)
-                return tensor
-            return produce
+        def produce(name: str) -> torch.Tensor:
+            hf_names, kind = find_rule(arch, global_name(name, 0))
+            tensor = to_mcore(kind, [source.read(h).to(dtype) for h in hf_names], arch, padded_vocab)
+            bar.update(1)
+            return tensor
 
         info = {"arch": dataclasses.asdict(arch), "padded_vocab": padded_vocab, "dtype": str(dtype).removeprefix("torch."),
                 "converted_for": {"tensor_parallel": tp, "pipeline_parallel": pp}, "source": str(Path(hf_dir).resolve())}
         extra_files = {MODEL_INFO: json.dumps(info, indent=2).encode(),
                        **{f"{HF_ASSETS}/{name}": data for name, data in hf_asset_files(hf_dir).items()}}
-        stats = stream_save(meta, {name: producer(name) for name in names}, out_dir, overwrite=overwrite,
+        stats = stream_save(meta, {name: functools.partial(produce, name) for name in names}, out_dir, overwrite=overwrite,
                             extra_files=extra_files)
         bar.close()
     stats["seconds"] = time.perf_counter() - started
