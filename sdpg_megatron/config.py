@@ -187,6 +187,10 @@ class DataConfig:
     train_files: tuple[str, ...] = ()  # DAPO-Math-17k-schema parquet files
     max_prompt_tokens: int = 2048
     privileged: Literal["answer", "answer+solution"] = "answer"  # the teacher's context
+    # Whose answer (and solution) the teacher's context holds: the problem's own, or "other",
+    # the next training problem's — a control with the teacher's machinery and no information
+    # about the problem (our choice, for the demo's study: docs/demo.md)
+    privileged_from: Literal["own", "other"] = "own"
     # Qwen3's chat template with enable_thinking=True (the authors'): responses think first,
     # the answer follows "</think>". A template without the switch ignores it.
     enable_thinking: bool = True
@@ -265,6 +269,11 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "sdpg"
     wandb_mode: Literal["offline", "online"] = "offline"
+    # Each loss term's pull: the norm of its gradient w.r.t. the last hidden states (metrics
+    # pull/outcome, pull/opd, pull/anchor, pull/entropy and pull/opd_to_outcome; our choice,
+    # for sizing β_base to a model: docs/training.md). One extra backward of the vocab-parallel
+    # loss per term, so off by default; needs model.loss_mode "stats" (or "auto" resolving to it).
+    term_pulls: bool = False
 
 
 @dataclass(kw_only=True)
@@ -490,6 +499,7 @@ def _validate_data(c: DataConfig) -> None:
     _require(len(c.train_files) > 0, "data.train_files", "name at least one DAPO-schema parquet file")
     _require(c.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     _require(c.privileged in ("answer", "answer+solution"), "data.privileged", "must be 'answer' or 'answer+solution'")
+    _require(c.privileged_from in ("own", "other"), "data.privileged_from", "must be 'own' or 'other'")
 
 
 def _validate_rollout(c: RolloutConfig) -> None:
@@ -553,6 +563,9 @@ def _validate_logging(c: LoggingConfig) -> None:
 def _validate_tree(c: Config) -> None:
     """Checks that span sections."""
     _validate_rollout_mode(c)
+    _require(not c.logging.term_pulls or c.model.loss_mode != "single_pass", "logging.term_pulls",
+             "each term's gradient is taken by autograd through the statistics, which model.loss_mode=single_pass "
+             "does not keep: set model.loss_mode=stats, or logging.term_pulls=false")
     # transformer-engine runs THD attention only in its flash / cuDNN kernels (bf16/fp16);
     # that TE and CUDA are there is checked where the model is built (ModelPasses)
     _require(not c.schedule.pack_sequences or c.model.params_dtype == "bfloat16", "schedule.pack_sequences",

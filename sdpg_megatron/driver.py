@@ -150,7 +150,7 @@ class Driver:
         self.prompts = PromptSet(
             config.data.train_files, self.tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
             privileged=config.data.privileged, enable_thinking=self.thinking, seed=config.schedule.seed,
-            min_problems=config.schedule.prompts_per_step)
+            min_problems=config.schedule.prompts_per_step, privileged_from=config.data.privileged_from)
         self.prompts.position = (start_step * config.schedule.prompts_per_step if prompt_position is None
                                  else prompt_position)
         self._resources = ExitStack()  # close() stops them: metrics sink, fleet (when its own), verifier

@@ -38,7 +38,7 @@ from sdpg_megatron.model.training import StepResult, build_frozen, build_policy,
 from sdpg_megatron.packing import pack_view, packing_multiples
 from sdpg_megatron.parallel import TokenStats, padded_vocab_size, vocab_parallel_token_stats
 from sdpg_megatron.parallel.groups import ParallelGroups
-from sdpg_megatron.student_loss import LOSS_METRICS, LossSettings, StudentLoss, takes_single_pass
+from sdpg_megatron.student_loss import LOSS_METRICS, PULL_TERMS, LossSettings, StudentLoss, takes_single_pass
 
 @dataclass
 class TeacherStates:
@@ -253,7 +253,8 @@ class ModelPasses:
         ("rollout_logprob_abs_diff": numerics only, unless a weight push went wrong)."""
         settings = LossSettings(
             config=self.config, group=self.groups.loss_tp_group, vocab_size=self.arch.vocab_size, step=step,
-            single_pass=takes_single_pass(self.config), gated_token_scale=gated_token_scale,
+            single_pass=takes_single_pass(self.config), term_pulls=self.config.logging.term_pulls,
+            gated_token_scale=gated_token_scale,
             first_minibatch=first_minibatch)
         output_weight = self.policy.module.output_weight
         # the per-micro-batch results of the earlier passes live on the last stage, where the loss runs
@@ -291,8 +292,12 @@ class ModelPasses:
         return totals
 
     def reduce_metrics(self, results: list[StepResult]) -> dict[str, float]:
-        """Token-weighted means of the loss metrics over the step (meaningful on rank 0)."""
-        sums = torch.zeros(2 * len(LOSS_METRICS) + 1, dtype=torch.float64)
+        """Token-weighted means of the loss metrics over the step (meaningful on rank 0);
+        with logging.term_pulls, each term's pull: the norm of its gradient w.r.t. the last
+        hidden states over the step's tokens, divided by their count (the gradient of the
+        term's token-mean), and the ratio of OPD's to the outcome term's."""
+        n = len(LOSS_METRICS)
+        sums = torch.zeros(2 * n + len(PULL_TERMS) + 1, dtype=torch.float64)
         if self._contributes():
             for result in results:
                 for report in result.losses:
@@ -302,7 +307,14 @@ class ModelPasses:
                         if key in report:
                             sums[2 * i] += float(report[key])
                             sums[2 * i + 1] += float(report.get(f"{key}/tokens", tokens))
+                    for i, term in enumerate(PULL_TERMS):
+                        sums[2 * n + i] += float(report.get(f"pull/{term}", 0.0))
         dist.all_reduce(sums)
         metrics = {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOSS_METRICS) if sums[2 * i + 1] > 0}
         metrics["train_tokens"] = sums[-1].item()
+        if self.config.logging.term_pulls:
+            pulls = {term: (sums[2 * n + i].sqrt() / sums[-1].clamp_min(1.0)).item() for i, term in enumerate(PULL_TERMS)}
+            metrics.update({f"pull/{term}": pull for term, pull in pulls.items()})
+            if pulls["outcome"] > 0:
+                metrics["pull/opd_to_outcome"] = pulls["opd"] / pulls["outcome"]
         return metrics

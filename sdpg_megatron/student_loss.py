@@ -41,6 +41,10 @@ LOSS_METRICS = (
     "loss", "outcome_loss", "ratio_mean", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
     "opd_kl", "gate_frac", "anchor", "ref_kl_k3", "entropy", "tis_weight", "rollout_logprob_abs_diff",
 )
+# The loss terms whose pull logging.term_pulls reports (`algo.TokenTerms.parts`): each
+# micro-batch reports "pull/<term>", the squared norm of the gradient of Σ_t term_t with
+# respect to its last hidden states, which add up over micro-batches and ranks.
+PULL_TERMS = ("outcome", "opd", "anchor", "entropy")
 
 
 def takes_single_pass(config: Config) -> bool:
@@ -60,6 +64,7 @@ class LossSettings:
     vocab_size: int  # the real vocabulary (the output weight is padded past it)
     step: int  # rollout step k
     single_pass: bool
+    term_pulls: bool = False  # logging.term_pulls: report each term's pull (PULL_TERMS)
     gated_token_scale: float = 1.0  # algorithm.loss_tokens="gated": (all tokens) / (gated tokens)
     first_minibatch: bool = False  # report |log π_θ − log π_engine| (the weights the engines hold)
 
@@ -85,6 +90,7 @@ class StudentLoss:
             "rollout_logprobs": mb.rollout_logprobs,
         }
         self.sums: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, torch.Tensor] = {}  # the last token_loss call's terms, for term_pulls
 
     def __call__(self, hidden_states: torch.Tensor):
         """Megatron's loss_func: (Σ_t loss, token count, token sums of the metrics)."""
@@ -120,12 +126,29 @@ class StudentLoss:
         common = dict(group=s.group, vocab_size=s.vocab_size, temperature=s.config.rollout.temperature,
                       backend=model.loss_backend)
         if s.single_pass:
+            if s.term_pulls:
+                raise ValueError("logging.term_pulls needs the statistics' autograd graph; the single-pass loss "
+                                 "(model.loss_mode auto on a GPU in bf16) does not keep it: set model.loss_mode=stats")
             loss, _ = vocab_parallel_token_loss(hidden, weight, targets, teacher_states,
                                                 token_loss=token_loss, fp32_grad_weight=model.loss_fp32_grad_weight,
                                                 **common)
             return loss
         stats = vocab_parallel_token_stats(hidden, weight, targets, teacher_states, **common)
-        return token_loss(stats, slice(None))
+        loss = token_loss(stats, slice(None))
+        if s.term_pulls:
+            self._add_pulls(hidden)
+        return loss
+
+    def _add_pulls(self, hidden: torch.Tensor) -> None:
+        """Adds ‖∂(Σ_t term_t) / ∂hidden‖² of each term of the last `token_loss` call to the
+        sums (an autograd backward of the vocab-parallel loss each; every TP rank runs it)."""
+        for name, part in self._parts.items():
+            grad = None
+            if part.requires_grad:  # not a constant (the KL of tokens without the teacher: 0)
+                (grad,) = torch.autograd.grad(part.sum(), hidden, retain_graph=True, allow_unused=True)
+            squared = torch.zeros((), dtype=torch.float64) if grad is None else grad.double().square().sum()
+            key = f"pull/{name}"
+            self.sums[key] = self.sums[key] + squared.cpu() if key in self.sums else squared.cpu()
 
     def token_loss(self, index: torch.Tensor | None, with_teacher: bool, stats: TokenStats,
                    rows: slice) -> torch.Tensor:
@@ -147,4 +170,5 @@ class StudentLoss:
             sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - inputs["rollout_logprobs"]).abs().sum()
         for key, value in sums.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self._parts = terms.parts
         return terms.per_token.sum()

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from sdpg_megatron.data import (
-    Problem, arithmetic_problems, build_char_tokenizer, render_prompt, sft_examples, student_content, write_dapo_parquet,
+    Problem, arithmetic_problems, build_char_tokenizer, column_addition_problems, render_prompt, sft_examples,
+    student_content, write_dapo_parquet,
 )
 from sdpg_megatron.model.qwen3 import qwen3_tiny, to_hf_config
 from sdpg_megatron.reward import extract_boxed
@@ -46,6 +47,13 @@ class TinySettings:
     # Qwen3's thinking layout: the tokenizer's template gets the enable_thinking switch and
     # the warm start answers "<think>\n{worked solution}\n</think>\n\n\boxed{answer}".
     thinking: bool = False
+    # "sum": "a + b" with operands ≤ max_operand and ops (the answer in one line); "columns":
+    # `digits`-digit additions worked column by column with carries (`column_addition_problems`)
+    task: str = "sum"
+    digits: int = 4
+    # the teacher view of the warm start and of greedy_accuracy(teacher=True): "answer", or
+    # "answer+solution" (the worked solution too), as data.privileged during RL
+    privileged: str = "answer"
 
 
 def demo_settings(max_sft_steps: int = 400) -> TinySettings:
@@ -78,10 +86,13 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     torch.manual_seed(settings.seed)
     model_dir = out_dir / "model"
     tokenizer = build_char_tokenizer(model_dir, thinking=settings.thinking)
-    problems = arithmetic_problems(
-        settings.train_problems + settings.eval_problems, settings.seed,
-        max_operand=settings.max_operand, ops=settings.ops,
-    )
+    if settings.task not in ("sum", "columns") or settings.privileged not in ("answer", "answer+solution"):
+        raise ValueError(f"TinySettings: task {settings.task!r} must be 'sum' or 'columns', privileged "
+                         f"{settings.privileged!r} 'answer' or 'answer+solution'")
+    count = settings.train_problems + settings.eval_problems
+    problems = (arithmetic_problems(count, settings.seed, max_operand=settings.max_operand, ops=settings.ops)
+                if settings.task == "sum" else column_addition_problems(count, settings.seed, digits=settings.digits))
+    with_solution = settings.privileged == "answer+solution"
     train, held_out = problems[: settings.train_problems], problems[settings.train_problems :]
     train_data, eval_data = out_dir / "train.parquet", out_dir / "eval.parquet"
     write_dapo_parquet(train, train_data)
@@ -94,7 +105,8 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = Qwen3ForCausalLM(hf_config).float()
     examples = [_encode(tokenizer, prompt, _thinking_target(target, answer) if settings.thinking else target)
-                for (prompt, target), answer in zip(sft_examples(train), (p.answer for p in train for _ in range(2)))]
+                for (prompt, target), answer in zip(sft_examples(train, with_solution=with_solution),
+                                                    (p.answer for p in train for _ in range(2)))]
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     rng = random.Random(settings.seed)
     step = 0
@@ -118,7 +130,7 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
                 break
     student_acc = greedy_accuracy(model, tokenizer, eval_slice, teacher=False)
     heldout_acc = greedy_accuracy(model, tokenizer, held_out, teacher=False)
-    teacher_acc = greedy_accuracy(model, tokenizer, eval_slice, teacher=True)
+    teacher_acc = greedy_accuracy(model, tokenizer, eval_slice, teacher=True, with_solution=with_solution)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(model_dir, safe_serialization=True)
     result = TinyResult(str(model_dir), str(train_data), str(eval_data), step, student_acc, heldout_acc, teacher_acc,
@@ -149,17 +161,22 @@ def _sft_loss(model, batch: list[tuple[list[int], int]], pad_id: int) -> torch.T
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool, max_new_tokens: int = 72) -> float:
-    """Exact-match accuracy of greedy answers (the boxed integer)."""
+def greedy_accuracy(model, tokenizer, problems: list[Problem], *, teacher: bool, with_solution: bool = False,
+                    max_new_tokens: int = 72) -> float:
+    """Exact-match accuracy of greedy answers (the boxed integer); `teacher`: in the teacher
+    view (the answer, and with `with_solution` the worked solution, in the prompt)."""
     from sdpg_megatron.data import teacher_content
+
+    def content(problem: Problem) -> str:
+        if not teacher:
+            return student_content(problem.question)
+        return teacher_content(problem.question, problem.answer, problem.solution if with_solution else None)
 
     model.eval()
     correct = 0
     for start in range(0, len(problems), 50):
         chunk = problems[start : start + 50]
-        prompts = [render_prompt(tokenizer, teacher_content(p.question, p.answer) if teacher else student_content(p.question),
-                                 enable_thinking=True)
-                   for p in chunk]
+        prompts = [render_prompt(tokenizer, content(p), enable_thinking=True) for p in chunk]
         width = max(map(len, prompts))  # left-pad for generation
         tokens = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -180,6 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-steps", type=int, default=400, help="upper bound on warm-start steps")
     parser.add_argument("--thinking", action="store_true",
                         help="Qwen3's thinking layout: <think>worked solution</think> then the boxed answer")
+    parser.add_argument("--task", choices=("sum", "columns"), default="sum",
+                        help="sum: the demo's 'a + b' (a, b <= 20); columns: --digits-digit additions worked "
+                             "column by column with carries")
+    parser.add_argument("--digits", type=int, default=4, help="operand digits of --task columns")
+    parser.add_argument("--train-problems", type=int, help="training problems (default: the demo's 64)")
+    parser.add_argument("--layers", type=int, help="transformer layers (default 2)")
+    parser.add_argument("--target-accuracy", type=float, help="stop the warm start at this greedy accuracy")
+    parser.add_argument("--privileged", choices=("answer", "answer+solution"), default="answer",
+                        help="the teacher view the warm start also trains on (data.privileged of the RL run)")
     args = parser.parse_args(argv)
     from sdpg_megatron.cli_paths import output_dir
 
@@ -189,7 +215,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
-    tiny = make_tiny_policy(args.out, replace(demo_settings(args.sft_steps), thinking=args.thinking))
+    settings = replace(demo_settings(args.sft_steps), thinking=args.thinking, task=args.task, digits=args.digits,
+                       privileged=args.privileged)
+    for field_name, value in (("train_problems", args.train_problems), ("num_layers", args.layers),
+                              ("target_accuracy", args.target_accuracy)):
+        if value is not None:
+            settings = replace(settings, **{field_name: value})
+    tiny = make_tiny_policy(args.out, settings)
     print(f"{tiny.model_dir}: {tiny.sft_steps} warm-start steps, greedy accuracy {tiny.student_accuracy:.2f} "
           f"(held-out {tiny.heldout_accuracy:.2f}, teacher view {tiny.teacher_accuracy:.2f}), {tiny.seconds:.0f} s")
 

@@ -455,3 +455,81 @@ def test_sft_examples_pair_both_views():
     ]
     with pytest.raises(ValueError, match="no solution"):
         sft_examples([Problem(uid="x", question="q", answer="1")])
+
+
+def test_column_addition_problems_work_every_column_with_its_carry():
+    from sdpg_megatron.data import column_addition_problems, column_steps
+
+    problems = column_addition_problems(500, seed=4, digits=4)
+    assert problems == column_addition_problems(500, seed=4, digits=4)
+    assert problems != column_addition_problems(500, seed=5, digits=4)
+    assert len({p.question for p in problems}) == 500
+    for problem in problems:
+        a, b = (int(x) for x in problem.question.removeprefix("What is ").removesuffix("?").split(" + "))
+        assert 1000 <= a <= 9999 and 1000 <= b <= 9999 and int(problem.answer) == a + b
+        *lines, boxed = problem.solution.split("\n")
+        assert boxed == f"\\boxed{{{a + b}}}" and lines == column_steps(a, b) and len(lines) == 4
+        # each line: the column's digits (and carry) and their sum; the written digits are the answer's
+        carry, written = 0, ""
+        for column, line in enumerate(lines):
+            terms, total = line.split("=")
+            x, y, *rest = (int(t) for t in terms.split("+"))
+            assert (x, y) == (a // 10**column % 10, b // 10**column % 10) and rest == ([carry] if carry else [])
+            assert int(total) == x + y + carry
+            carry, written = int(total) // 10, str(int(total) % 10) + written
+        assert (str(carry) if carry else "") + written == problem.answer
+    assert column_steps(5, 7) == ["5+7=12"] and column_steps(95, 7) == ["5+7=12", "9+0+1=10"]
+    assert len(column_addition_problems(100, seed=0, digits=1)) == 100  # 0..9 + 0..9: all of them
+    with pytest.raises(ValueError, match="distinct problems"):
+        column_addition_problems(101, seed=0, digits=1)
+
+
+def test_sft_examples_with_the_solution_in_the_teacher_view():
+    problems = arithmetic_problems(2, seed=0)
+    examples = sft_examples(problems, with_solution=True)
+    assert examples[1] == (teacher_content(problems[0].question, problems[0].answer, problems[0].solution),
+                           problems[0].solution)
+    assert problems[0].solution in examples[1][0] and examples[0] == sft_examples(problems)[0]
+
+
+def test_the_control_shows_the_teacher_another_problems_context(tokenizer, tmp_path):
+    from sdpg_megatron.data.prompt_set import PromptSet
+
+    problems = arithmetic_problems(3, seed=1)
+    own = encode_problem(tokenizer, problems[0], max_prompt_tokens=1000, enable_thinking=False,
+                         privileged="answer+solution")
+    other = encode_problem(tokenizer, problems[0], max_prompt_tokens=1000, enable_thinking=False,
+                           privileged="answer+solution", context_from=problems[1])
+    assert other.student_ids == own.student_ids and other.teacher_ids != own.teacher_ids
+    assert tokenizer.decode(other.teacher_ids) == tokenizer.decode(render_prompt(
+        tokenizer, teacher_content(problems[0].question, problems[1].answer, problems[1].solution),
+        enable_thinking=False))
+    path = tmp_path / "train.parquet"
+    write_dapo_parquet(problems, path)
+    settings = dict(max_prompt_tokens=1000, privileged="answer+solution", enable_thinking=False, seed=0, min_problems=3)
+    control = {p.uid: (e, p) for e, p in PromptSet([str(path)], tokenizer, privileged_from="other", **settings).take(3)}
+    normal = {p.uid: (e, p) for e, p in PromptSet([str(path)], tokenizer, **settings).take(3)}
+    for uid, (encoded, problem) in control.items():
+        # the reward keeps the problem's own answer; only the teacher's context is another problem's
+        assert problem.answer == normal[uid][1].answer and encoded.student_ids == normal[uid][0].student_ids
+        assert encoded.teacher_ids != normal[uid][0].teacher_ids
+        assert f"\\boxed{{{problem.answer}}}" not in tokenizer.decode(encoded.teacher_ids)
+    write_dapo_parquet(problems[:1], path)
+    with pytest.raises(ValueError, match="at least 2 problems"):
+        PromptSet([str(path)], tokenizer, privileged_from="other", **{**settings, "min_problems": 1})
+
+
+def test_tiny_warm_start_on_the_column_task_with_the_solution_in_the_teacher_view(tmp_path):
+    """`python -m sdpg_megatron.tiny --task columns --privileged answer+solution` writes the
+    column-addition data and a model (a few steps here; the accuracies are measured in
+    docs/demo.md)."""
+    from sdpg_megatron.tiny import main
+
+    main(["--out", str(tmp_path), "--task", "columns", "--digits", "3", "--privileged", "answer+solution",
+          "--train-problems", "20", "--sft-steps", "2", "--layers", "1"])
+    summary = __import__("json").loads((tmp_path / "tiny_policy.json").read_text())
+    assert summary["settings"]["task"] == "columns" and summary["settings"]["privileged"] == "answer+solution"
+    assert summary["result"]["sft_steps"] == 2 and 0.0 <= summary["result"]["teacher_accuracy"] <= 1.0
+    problems = load_dapo_parquet(tmp_path / "train.parquet").problems
+    assert len(problems) == 20 and all(len(p.question.split(" + ")[1]) == 4 for p in problems)  # "ddd?"
+    assert all(p.solution.count("\n") == 3 and p.solution.endswith(f"\\boxed{{{p.answer}}}") for p in problems)

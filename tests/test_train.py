@@ -28,8 +28,9 @@ STEPS = 2
 # One preset trains with sequence parallelism and full activation recomputation (the whole
 # driver path: config → passes for π_ref, teacher and student → Megatron);
 # tests/test_training_step.py checks that neither changes a step.
+# It also reports each loss term's pull (logging.term_pulls).
 VARIANTS = {"sdpg-ufkl": {"parallel.sequence_parallel": "true", "parallel.recompute_granularity": "full",
-                          "parallel.recompute_num_layers": 1}}
+                          "parallel.recompute_num_layers": 1, "logging.term_pulls": "true"}}
 VOLATILE = ("time/", "weights/version", "weights/push_seconds")  # differ between identical runs
 EVAL_DIR = Path(__file__).resolve().parents[1] / "data" / "eval"
 EVALUATION = {  # the real AIME 2024 and AMC 2023 files, 2 samples per problem, every 2 steps
@@ -220,6 +221,13 @@ def test_every_preset_trains(report, preset):
 def test_presets_use_their_terms(report):
     first = {preset: report[preset]["metrics"][0] for preset in PRESETS}
     assert first["opcd"]["beta"] == 1.0 and "outcome_loss" not in first["opcd"] and first["opcd"]["opd_kl"] > 0
+    # logging.term_pulls (sdpg-ufkl only): every term of the loss pulls, β = 1e-3 makes OPD's pull small
+    pulls = [m for m in report["sdpg-ufkl"]["metrics"] if m["pull/outcome"] > 0]
+    assert pulls and all(m["pull/anchor"] > 0 and m["pull/entropy"] == 0 for m in pulls)  # entropy_coef 0
+    assert any(m["pull/opd"] > 0 for m in pulls)
+    for m in pulls:
+        assert m["pull/opd_to_outcome"] == pytest.approx(m["pull/opd"] / m["pull/outcome"])
+    assert "pull/opd" not in first["sdpg-urkl"]
     assert first["grpo"]["beta"] == 0.0 and "opd_kl" not in first["grpo"] and "ref_kl_k3" in first["grpo"]
     assert first["sdpg-urkl"]["beta"] == pytest.approx(1e-3) and "opd_kl" in first["sdpg-urkl"]
     assert "ref_kl_k3" not in first["rlsd"] and "opd_kl" not in first["rlsd"]

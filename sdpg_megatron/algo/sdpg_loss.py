@@ -66,6 +66,9 @@ class TokenTerms(NamedTuple):
     gate: torch.Tensor | None  # [T] m_i, when β(k) > 0
     penalty: torch.Tensor | None  # [T] f_K(log w), when the anchor is on
     tis_weight: torch.Tensor | None = None  # [T] min(π_old/π_engine, C), when tis_cap is set
+    # [T] each term's differentiable share of per_token, for the terms that are on: "outcome"
+    # (ℓ_out with its TIS and gate scaling), "opd" (β·m_i·ℓ_OPD), "anchor" (α·f_K), "entropy"
+    parts: dict[str, torch.Tensor] | None = None
 
 
 def token_terms(
@@ -86,7 +89,7 @@ def token_terms(
     """Each token's term of the SDPG objective, a function of that token's statistics alone
     (so the loss is token-separable: `vocab_parallel_token_loss` may take it chunk by
     chunk). Arguments as in `sdpg_loss`."""
-    per_token = torch.zeros_like(logprobs)
+    parts: dict[str, torch.Tensor] = {}
     outcome = None
     tis_weight = None
     # loss_tokens="gated": the gated terms are means over the gated samples' tokens; the
@@ -123,7 +126,7 @@ def token_terms(
             outcome_loss = outcome_loss * tis_weight
         if gated_scale is not None:
             outcome_loss = outcome_loss * gated_scale
-        per_token = per_token + outcome_loss
+        parts["outcome"] = outcome_loss
 
     beta = current_beta(config, step, total_steps)
     gate = None
@@ -133,19 +136,22 @@ def token_terms(
         gate = positive if config.gate == "positive_advantage" else torch.ones_like(logprobs)
         # the authors' code clamps each token's KL (no gradient above the clamp)
         kl = reverse_kl if config.opd_kl_clamp is None else reverse_kl.clamp(max=config.opd_kl_clamp)
-        per_token = per_token + beta * (gate if gated_scale is None else gated_scale) * kl
+        parts["opd"] = beta * (gate if gated_scale is None else gated_scale) * kl
 
     penalty = None
     if config.anchor != "none" and config.alpha > 0:
         if ref_logprobs is None:
             raise ValueError(f"ref_logprobs is required by the {config.anchor} anchor")
         penalty = anchor_penalty(logprobs, ref_logprobs, config.anchor)
-        per_token = per_token + config.alpha * penalty
+        parts["anchor"] = config.alpha * penalty
     if config.entropy_coef > 0:
         if entropy is None:
             raise ValueError(f"entropy is required by the entropy bonus (algorithm.entropy_coef={config.entropy_coef})")
-        per_token = per_token - config.entropy_coef * entropy
-    return TokenTerms(per_token, outcome, beta, gate, penalty, tis_weight)
+        parts["entropy"] = -config.entropy_coef * entropy
+    per_token = torch.zeros_like(logprobs)
+    for part in parts.values():
+        per_token = per_token + part
+    return TokenTerms(per_token, outcome, beta, gate, penalty, tis_weight, parts)
 
 
 def sdpg_loss(

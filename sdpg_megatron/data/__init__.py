@@ -16,7 +16,7 @@ from sdpg_megatron.data.language import (
     first_non_english_letter,
     is_english,
 )
-from sdpg_megatron.data.synthetic import arithmetic_problems, sft_examples
+from sdpg_megatron.data.synthetic import arithmetic_problems, column_addition_problems, column_steps, sft_examples
 from sdpg_megatron.data.templates import (
     EncodedPrompt,
     PromptTooLongError,
@@ -37,6 +37,8 @@ __all__ = [
     "PromptSampler",
     "PromptTooLongError",
     "arithmetic_problems",
+    "column_addition_problems",
+    "column_steps",
     "build_char_tokenizer",
     "encode_problem",
     "extract_question",

@@ -19,10 +19,11 @@ class PromptSet:
 
     Rows without a usable question or answer, and prompts over `max_prompt_tokens`, are
     skipped with a warning and counted (`num_invalid`, `num_too_long`); fewer than
-    `min_problems` usable ones is an error naming the files."""
+    `min_problems` usable ones is an error naming the files. `privileged_from="other"`:
+    the teacher's context holds the next problem's answer (and solution), a control."""
 
     def __init__(self, files: Sequence[str], tokenizer, *, max_prompt_tokens: int, privileged: str,
-                 enable_thinking: bool, seed: int, min_problems: int):
+                 enable_thinking: bool, seed: int, min_problems: int, privileged_from: str = "own"):
         problems, self.num_invalid, self.num_too_long = [], 0, 0
         for path in files:
             report = load_dapo_parquet(path)
@@ -30,11 +31,16 @@ class PromptSet:
             for reason in report.invalid:
                 logger.warning("%s: skipped %s", path, reason)
             problems.extend(report.problems)
+        if privileged_from == "other" and len(problems) < 2:
+            raise ValueError(f"data.privileged_from=other shows the teacher another problem's context: "
+                             f"data.train_files {list(files)} need at least 2 problems")
         items = []  # (EncodedPrompt, Problem); uids need not be unique across files
-        for problem in problems:
+        for i, problem in enumerate(problems):
+            # the control: the next problem's answer (and solution), never the problem's own
+            other = problems[(i + 1) % len(problems)] if privileged_from == "other" else None
             try:
                 encoded = encode_problem(tokenizer, problem, max_prompt_tokens=max_prompt_tokens,
-                                         privileged=privileged, enable_thinking=enable_thinking)
+                                         privileged=privileged, enable_thinking=enable_thinking, context_from=other)
             except PromptTooLongError as error:
                 self.num_too_long += 1
                 logger.warning("skipped: %s", error)

@@ -79,18 +79,63 @@ def arithmetic_problems(
     return problems
 
 
-def sft_examples(problems: Sequence[Problem]) -> list[tuple[str, str]]:
+def column_addition_problems(num: int, seed: int, *, digits: int = 4) -> list[Problem]:
+    """`num` distinct problems "What is a + b?" with a and b of exactly `digits` digits,
+    deterministic in (seed, digits). The worked solution adds column by column from the
+    right, carrying, one line per column, then boxes the sum:
+
+        What is 4738 + 2965?   →   8+5=13 / 3+6+1=10 / 7+9+1=17 / 4+2+1=7 / \\boxed{7703}
+
+    (one line each). Every line is a chain of decisions the next depends on, and the
+    reward is all or nothing on the boxed sum: many decision tokens, a sparse reward.
+    The space has (9·10^(digits−1))² problems (81 million at 4 digits): a training file of
+    a few thousand repeats none within a run, and held-out problems are plentiful.
+
+    Raises:
+        ValueError: digits < 1, or num exceeds the distinct problems.
+    """
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    low, count = 10 ** (digits - 1) if digits > 1 else 0, 9 * 10 ** (digits - 1) if digits > 1 else 10
+    if not 0 <= num <= count * count:
+        raise ValueError(f"num={num}: {digits}-digit operands give {count * count} distinct problems; lower num")
+    rng = random.Random(f"column-addition:{digits}:{seed}")
+    problems = []
+    for k, flat_index in enumerate(rng.sample(range(count * count), num)):
+        a, b = low + flat_index // count, low + flat_index % count
+        answer = str(a + b)
+        problems.append(Problem(
+            uid=f"columns{digits}-{seed}-{k}", question=f"What is {a} + {b}?", answer=answer,
+            solution="\n".join(column_steps(a, b)) + f"\n\\boxed{{{answer}}}", data_source="synthetic-columns",
+        ))
+    return problems
+
+
+def column_steps(a: int, b: int) -> list[str]:
+    """The column sums of a + b from the right: "8+5=13", then "3+6+1=10" with the carry."""
+    steps, carry = [], 0
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    for column in range(max(len(digits_a), len(digits_b))):
+        x = int(digits_a[column]) if column < len(digits_a) else 0
+        y = int(digits_b[column]) if column < len(digits_b) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
+        carry = total // 10
+    return steps
+
+
+def sft_examples(problems: Sequence[Problem], *, with_solution: bool = False) -> list[tuple[str, str]]:
     """(user content, assistant target) pairs: the student and the teacher view of each.
 
-    The target is the problem's worked solution; the teacher view carries the
-    answer-only context, as the SDPG teacher does during training.
+    The target is the problem's worked solution; the teacher view carries the answer-only
+    context, or with `with_solution` the answer and the worked solution
+    (data.privileged="answer+solution"), as the SDPG teacher sees it during training.
     """
     examples = []
     for problem in problems:
         if problem.solution is None:
             raise ValueError(f"problem {problem.uid!r} has no solution to use as SFT target")
         examples.append((student_content(problem.question), problem.solution))
-        examples.append(
-            (teacher_content(problem.question, problem.answer), problem.solution)
-        )
+        context = problem.solution if with_solution else None
+        examples.append((teacher_content(problem.question, problem.answer, context), problem.solution))
     return examples

@@ -122,6 +122,7 @@ def encode_problem(
     max_prompt_tokens: int,
     enable_thinking: bool,
     privileged: Privileged = "answer",
+    context_from: Problem | None = None,
 ) -> EncodedPrompt:
     """Render both views of one problem.
 
@@ -131,6 +132,9 @@ def encode_problem(
     privileged: "answer" (answer-only context), "answer+solution" (falls back to
     "answer" when the problem has no reference solution) or "none" (the teacher sees
     the student prompt: teacher_ids == student_ids).
+
+    context_from: the problem whose answer (and solution) the teacher's context holds;
+    None: `problem` itself (data.privileged_from="other" passes another one: a control).
 
     Raises:
         PromptTooLongError: either prompt is longer than max_prompt_tokens.
@@ -143,10 +147,11 @@ def encode_problem(
     _check_length("student", problem.uid, len(student_ids), max_prompt_tokens)
     if privileged == "none":
         return EncodedPrompt(student_ids=student_ids, teacher_ids=list(student_ids))
-    solution = problem.solution if privileged == "answer+solution" else None
+    source = problem if context_from is None else context_from
+    solution = source.solution if privileged == "answer+solution" else None
     teacher_ids = render_prompt(
         tokenizer,
-        teacher_content(problem.question, problem.answer, solution),
+        teacher_content(problem.question, source.answer, solution),
         enable_thinking=enable_thinking,
     )
     _check_length("teacher", problem.uid, len(teacher_ids), max_prompt_tokens)
