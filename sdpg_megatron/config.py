@@ -187,10 +187,7 @@ class DataConfig:
     train_files: tuple[str, ...] = ()  # DAPO-Math-17k-schema parquet files
     max_prompt_tokens: int = 2048
     privileged: Literal["answer", "answer+solution"] = "answer"  # the teacher's context
-    # Whose answer (and solution) the teacher's context holds: the problem's own, or "other",
-    # the next training problem's — a control with the teacher's machinery and no information
-    # about the problem (our choice, for the demo's study: docs/demo.md)
-    privileged_from: Literal["own", "other"] = "own"
+    privileged_from: Literal["own", "other"] = "own"  # "other": the next problem's context, a control
     # Qwen3's chat template with enable_thinking=True (the authors'): responses think first,
     # the answer follows "</think>". A template without the switch ignores it.
     enable_thinking: bool = True
@@ -269,10 +266,8 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "sdpg"
     wandb_mode: Literal["offline", "online"] = "offline"
-    # Each loss term's pull: the norm of its gradient w.r.t. the last hidden states (metrics
-    # pull/outcome, pull/opd, pull/anchor, pull/entropy and pull/opd_to_outcome; our choice,
-    # for sizing β_base to a model: docs/training.md). One extra backward of the vocab-parallel
-    # loss per term, so off by default; needs model.loss_mode "stats" (or "auto" resolving to it).
+    # pull/<term>: each loss term's gradient norm w.r.t. the last hidden states, for sizing β_base
+    # (docs/configuration.md); an extra loss backward per term, and not with the single-pass loss
     term_pulls: bool = False
 
 
@@ -563,9 +558,8 @@ def _validate_logging(c: LoggingConfig) -> None:
 def _validate_tree(c: Config) -> None:
     """Checks that span sections."""
     _validate_rollout_mode(c)
-    _require(not c.logging.term_pulls or c.model.loss_mode != "single_pass", "logging.term_pulls",
-             "each term's gradient is taken by autograd through the statistics, which model.loss_mode=single_pass "
-             "does not keep: set model.loss_mode=stats, or logging.term_pulls=false")
+    _require(not c.logging.term_pulls or c.model.loss_mode != "single_pass", "logging.term_pulls", "needs the "
+             "statistics' autograd graph, which the single-pass loss does not keep: set model.loss_mode=stats")
     # transformer-engine runs THD attention only in its flash / cuDNN kernels (bf16/fp16);
     # that TE and CUDA are there is checked where the model is built (ModelPasses)
     _require(not c.schedule.pack_sequences or c.model.params_dtype == "bfloat16", "schedule.pack_sequences",

@@ -14,7 +14,9 @@ Called with the last stage's hidden states, it
   on all the group's tokens at once (stats);
 - in `token_loss`, computes each token's SDPG terms once (`algo.token_terms`): their sum
   is the loss, and the metrics are token sums of the same terms (`algo.metric_sums`),
-  added up over chunks, groups, micro-batches and data-parallel ranks.
+  added up over chunks, groups, micro-batches and data-parallel ranks; with
+  logging.term_pulls (two-pass only), also the squared norm of each term's gradient with
+  respect to the hidden states (`PULL_TERMS`).
 
 It returns Megatron's (loss, token count, reported sums) triple; the loss is the sum over
 the micro-batch's tokens, Megatron divides by the step's token count
@@ -147,8 +149,11 @@ class StudentLoss:
             if part.requires_grad:  # not a constant (the KL of tokens without the teacher: 0)
                 (grad,) = torch.autograd.grad(part.sum(), hidden, retain_graph=True, allow_unused=True)
             squared = torch.zeros((), dtype=torch.float64) if grad is None else grad.double().square().sum()
-            key = f"pull/{name}"
-            self.sums[key] = self.sums[key] + squared.cpu() if key in self.sums else squared.cpu()
+            self._accumulate({f"pull/{name}": squared.cpu()})
+
+    def _accumulate(self, sums: dict[str, torch.Tensor]) -> None:
+        for key, value in sums.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def token_loss(self, index: torch.Tensor | None, with_teacher: bool, stats: TokenStats,
                    rows: slice) -> torch.Tensor:
@@ -168,7 +173,6 @@ class StudentLoss:
                            ref_logprobs=inputs["ref_logprobs"], entropy=stats.entropy)
         if s.first_minibatch:
             sums["rollout_logprob_abs_diff"] = (stats.logprobs.detach() - inputs["rollout_logprobs"]).abs().sum()
-        for key, value in sums.items():
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self._accumulate(sums)
         self._parts = terms.parts
         return terms.per_token.sum()

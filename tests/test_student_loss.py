@@ -125,7 +125,7 @@ def test_term_pulls_are_the_norms_of_each_terms_gradient(case, rows):
 
 
 def test_term_pulls_refuse_the_single_pass_loss(case):
-    with pytest.raises(ValueError, match="logging.term_pulls.*model.loss_mode=stats"):
+    with pytest.raises(ValueError, match="logging.term_pulls.*set model.loss_mode=stats"):
         validate(_config(**{"logging.term_pulls": "true", "model.loss_mode": "single_pass", "model.hf_dir": "/m",
                              "data.train_files": "/d.parquet"}))
     config = _config(**{"logging.term_pulls": "true"})  # loss_mode auto: single pass on a bf16 GPU
