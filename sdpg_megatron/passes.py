@@ -40,6 +40,7 @@ from sdpg_megatron.parallel import TokenStats, padded_vocab_size, vocab_parallel
 from sdpg_megatron.parallel.groups import ParallelGroups
 from sdpg_megatron.student_loss import LOSS_METRICS, PULL_TERMS, LossSettings, StudentLoss, takes_single_pass
 
+
 @dataclass
 class TeacherStates:
     """The teacher pass's result for one student micro-batch (last pipeline stage)."""
@@ -253,8 +254,7 @@ class ModelPasses:
         ("rollout_logprob_abs_diff": numerics only, unless a weight push went wrong)."""
         settings = LossSettings(
             config=self.config, group=self.groups.loss_tp_group, vocab_size=self.arch.vocab_size, step=step,
-            single_pass=takes_single_pass(self.config), term_pulls=self.config.logging.term_pulls,
-            gated_token_scale=gated_token_scale,
+            single_pass=takes_single_pass(self.config), gated_token_scale=gated_token_scale,
             first_minibatch=first_minibatch)
         output_weight = self.policy.module.output_weight
         # the per-micro-batch results of the earlier passes live on the last stage, where the loss runs

@@ -66,7 +66,6 @@ class LossSettings:
     vocab_size: int  # the real vocabulary (the output weight is padded past it)
     step: int  # rollout step k
     single_pass: bool
-    term_pulls: bool = False  # logging.term_pulls: report each term's pull (PULL_TERMS)
     gated_token_scale: float = 1.0  # algorithm.loss_tokens="gated": (all tokens) / (gated tokens)
     first_minibatch: bool = False  # report |log π_θ − log π_engine| (the weights the engines hold)
 
@@ -127,8 +126,9 @@ class StudentLoss:
         token_loss = partial(self.token_loss, index, teacher_states is not None)
         common = dict(group=s.group, vocab_size=s.vocab_size, temperature=s.config.rollout.temperature,
                       backend=model.loss_backend)
+        term_pulls = s.config.logging.term_pulls  # report each term's pull (PULL_TERMS)
         if s.single_pass:
-            if s.term_pulls:
+            if term_pulls:
                 raise ValueError("logging.term_pulls needs the statistics' autograd graph; the single-pass loss "
                                  "(model.loss_mode auto on a GPU in bf16) does not keep it: set model.loss_mode=stats")
             loss, _ = vocab_parallel_token_loss(hidden, weight, targets, teacher_states,
@@ -137,7 +137,7 @@ class StudentLoss:
             return loss
         stats = vocab_parallel_token_stats(hidden, weight, targets, teacher_states, **common)
         loss = token_loss(stats, slice(None))
-        if s.term_pulls:
+        if term_pulls:
             self._add_pulls(hidden)
         return loss
 

@@ -79,11 +79,10 @@ def _naive(config: Config, case, kl_rows: torch.Tensor | None):
     return terms.per_token.sum().item(), {k: v.item() for k, v in sums.items()}, pulls
 
 
-def _student_loss(config: Config, case, *, single_pass: bool, term_pulls: bool, rows: torch.Tensor | None):
+def _student_loss(config: Config, case, *, single_pass: bool, rows: torch.Tensor | None):
     mb = case["mb"]
     teacher = case["teacher"] if rows is None else case["teacher"][rows]
-    settings = LossSettings(config=config, group=None, vocab_size=V, step=STEP, single_pass=single_pass,
-                            term_pulls=term_pulls)
+    settings = LossSettings(config=config, group=None, vocab_size=V, step=STEP, single_pass=single_pass)
     loss_func = StudentLoss(settings, mb, mb.response_mask, lambda: case["weight"],
                             teacher=TeacherStates(teacher, None, rows), teacher_ran=True,
                             reference=case["reference"], old=case["old"])
@@ -98,7 +97,7 @@ def _student_loss(config: Config, case, *, single_pass: bool, term_pulls: bool, 
 def test_loss_and_metric_sums_match_the_naive_terms(case, single_pass, rows):
     config = _config()
     expected_loss, expected_sums, _ = _naive(config, case, rows)
-    loss, sums, hidden = _student_loss(config, case, single_pass=single_pass, term_pulls=False, rows=rows)
+    loss, sums, hidden = _student_loss(config, case, single_pass=single_pass, rows=rows)
     assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
     assert sums["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert sums["tokens"] == case["mb"].num_tokens
@@ -114,13 +113,13 @@ def test_term_pulls_are_the_norms_of_each_terms_gradient(case, rows):
     config = _config(**{"logging.term_pulls": "true", "model.loss_mode": "stats"})
     _, _, expected = _naive(config, case, rows)
     assert set(expected) == {"outcome", "opd", "anchor", "entropy"}
-    _, sums, _ = _student_loss(config, case, single_pass=False, term_pulls=True, rows=rows)
+    _, sums, _ = _student_loss(config, case, single_pass=False, rows=rows)
     for name, value in expected.items():
         assert value > 0
         assert sums[f"pull/{name}"] == pytest.approx(value, rel=1e-4), name
     # without the KL's gradient (β = 0) the OPD pull is 0 and the others are unchanged
     beta0 = _config(**{"logging.term_pulls": "true", "algorithm.beta_base": 0.0})
-    _, sums0, _ = _student_loss(beta0, case, single_pass=False, term_pulls=True, rows=rows)
+    _, sums0, _ = _student_loss(beta0, case, single_pass=False, rows=rows)
     assert "pull/opd" not in sums0 and sums0["pull/outcome"] == pytest.approx(sums["pull/outcome"], rel=1e-6)
 
 
@@ -130,4 +129,4 @@ def test_term_pulls_refuse_the_single_pass_loss(case):
                              "data.train_files": "/d.parquet"}))
     config = _config(**{"logging.term_pulls": "true"})  # loss_mode auto: single pass on a bf16 GPU
     with pytest.raises(ValueError, match="set model.loss_mode=stats"):
-        _student_loss(config, case, single_pass=True, term_pulls=True, rows=None)
+        _student_loss(config, case, single_pass=True, rows=None)

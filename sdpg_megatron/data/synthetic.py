@@ -96,7 +96,8 @@ def column_addition_problems(num: int, seed: int, *, digits: int = 4) -> list[Pr
     """
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
-    low, count = 10 ** (digits - 1) if digits > 1 else 0, 9 * 10 ** (digits - 1) if digits > 1 else 10
+    low = 10 ** (digits - 1) if digits > 1 else 0  # one digit: 0..9
+    count = 10**digits - low
     if not 0 <= num <= count * count:
         raise ValueError(f"num={num}: {digits}-digit operands give {count * count} distinct problems; lower num")
     rng = random.Random(f"column-addition:{digits}:{seed}")
