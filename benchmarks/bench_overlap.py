@@ -218,11 +218,11 @@ def main() -> None:
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
     from sdpg_megatron.rollout.engine import EngineSettings
     from sdpg_megatron.rollout.fleet import FleetSettings, RolloutFleet, connect_ray
-    from sdpg_megatron.tiny import demo_settings, make_tiny_policy
+    from sdpg_megatron.tiny import make_tiny_policy, sum_settings
     from sdpg_megatron.cli import init_distributed
 
     work = Path(args.work_dir)
-    policy = make_tiny_policy(work / f"tiny-{args.sft_steps}", demo_settings(max_sft_steps=args.sft_steps))
+    policy = make_tiny_policy(work / f"tiny-{args.sft_steps}", sum_settings(max_sft_steps=args.sft_steps))
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     ray_dir = tempfile.mkdtemp(prefix="sdpg-ray-", dir="/tmp")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sdpg_megatron.data import (
-    Problem, arithmetic_problems, build_char_tokenizer, column_addition_problems, render_prompt, sft_examples,
+    TEMPLATE_PHRASES, Problem, arithmetic_problems, build_char_tokenizer, column_addition_problems, render_prompt, sft_examples,
     student_content, write_dapo_parquet,
 )
 from sdpg_megatron.model.qwen3 import qwen3_tiny, to_hf_config
@@ -54,11 +54,23 @@ class TinySettings:
     # the teacher view of the warm start and of greedy_accuracy(teacher=True): "answer", or
     # "answer+solution" (the worked solution too), as data.privileged during RL
     privileged: str = "answer"
+    # the tokenizer holds the prompt templates' fixed text as single tokens (data.TEMPLATE_PHRASES)
+    phrase_tokens: bool = False
 
 
-def demo_settings(max_sft_steps: int = 400) -> TinySettings:
-    """The embedded demo's task (examples/tiny_cpu_demo.py, examples/sdpg_tiny_cpu.sh):
-    64 "a + b" problems with a, b ≤ 20, warm-started to greedy accuracy 0.35."""
+def demo_settings(max_sft_steps: int = 1500) -> TinySettings:
+    """The embedded demo's task (examples/tiny_cpu_demo.py): 3-digit additions worked column by
+    column, 4000 training problems (RL draws fresh ones each step), the teacher view shows
+    the worked solution, the prompt templates' fixed text is one token per phrase; warm-
+    started to greedy accuracy 0.25."""
+    return TinySettings(task="columns", digits=3, privileged="answer+solution", phrase_tokens=True,
+                        train_problems=4000, eval_problems=200, batch_size=16, lr=2e-3,
+                        max_sft_steps=max_sft_steps, eval_every=50, target_accuracy=0.25)
+
+
+def sum_settings(max_sft_steps: int = 400) -> TinySettings:
+    """The first demo's task, kept for the Slurm example, the tests and bench_overlap: 64
+    "a + b" problems with a, b ≤ 20, warm-started to greedy accuracy 0.35."""
     return TinySettings(max_operand=20, train_problems=64, eval_problems=100, batch_size=16, lr=2e-3,
                         max_sft_steps=max_sft_steps, eval_every=50, target_accuracy=0.35)
 
@@ -81,11 +93,14 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     out_dir = Path(out_dir)
     summary_path = out_dir / "tiny_policy.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("settings") == asdict(settings):
-        return TinyResult(**json.loads(summary_path.read_text())["result"])
+        cached = json.loads(summary_path.read_text())["result"]  # paths from out_dir: the directory may have moved
+        return TinyResult(**{**cached, "model_dir": str(out_dir / "model"), "train_data": str(out_dir / "train.parquet"),
+                             "eval_data": str(out_dir / "eval.parquet")})
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model_dir = out_dir / "model"
-    tokenizer = build_char_tokenizer(model_dir, thinking=settings.thinking)
+    tokenizer = build_char_tokenizer(model_dir, thinking=settings.thinking,
+                                     phrases=TEMPLATE_PHRASES if settings.phrase_tokens else ())
     if settings.task not in ("sum", "columns") or settings.privileged not in ("answer", "answer+solution"):
         raise ValueError(f"TinySettings: task {settings.task!r} must be 'sum' or 'columns', privileged "
                          f"{settings.privileged!r} 'answer' or 'answer+solution'")
@@ -194,18 +209,21 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="sdpg_megatron.tiny", description=main.__doc__)
     parser.add_argument("--out", required=True, help="directory for model/, train.parquet, eval.parquet (reused)")
-    parser.add_argument("--sft-steps", type=int, default=400, help="upper bound on warm-start steps")
+    parser.add_argument("--sft-steps", type=int, help="upper bound on warm-start steps (default 400 / 1500)")
     parser.add_argument("--thinking", action="store_true",
                         help="Qwen3's thinking layout: <think>worked solution</think> then the boxed answer")
     parser.add_argument("--task", choices=("sum", "columns"), default="sum",
-                        help="sum: the demo's 'a + b' (a, b <= 20); columns: --digits-digit additions worked "
-                             "column by column with carries")
-    parser.add_argument("--digits", type=int, default=4, help="operand digits of --task columns")
-    parser.add_argument("--train-problems", type=int, help="training problems (default: the demo's 64)")
+                        help="sum: 'a + b' with a, b <= 20 (64 problems; the Slurm example's); columns: the "
+                             "demo's, 3-digit additions worked column by column, the teacher shown the solution")
+    parser.add_argument("--digits", type=int, help="operand digits of --task columns (default 3)")
+    parser.add_argument("--train-problems", type=int, help="training problems (default 64 / 4000)")
     parser.add_argument("--layers", type=int, help="transformer layers (default 2)")
     parser.add_argument("--target-accuracy", type=float, help="stop the warm start at this greedy accuracy")
-    parser.add_argument("--privileged", choices=("answer", "answer+solution"), default="answer",
-                        help="the teacher view the warm start also trains on (data.privileged of the RL run)")
+    parser.add_argument("--privileged", choices=("answer", "answer+solution"),
+                        help="the teacher view the warm start also trains on (data.privileged of the RL run; "
+                             "default answer / answer+solution)")
+    parser.add_argument("--phrase-tokens", action=argparse.BooleanOptionalAction,
+                        help="one token per fixed phrase of the prompt templates (default off / on)")
     args = parser.parse_args(argv)
     from sdpg_megatron.cli_paths import output_dir
 
@@ -215,10 +233,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
-    settings = replace(demo_settings(args.sft_steps), thinking=args.thinking, task=args.task, digits=args.digits,
-                       privileged=args.privileged)
-    for field_name, value in (("train_problems", args.train_problems), ("num_layers", args.layers),
-                              ("target_accuracy", args.target_accuracy)):
+    settings = replace(sum_settings() if args.task == "sum" else demo_settings(), thinking=args.thinking)
+    for field_name, value in (("max_sft_steps", args.sft_steps), ("train_problems", args.train_problems), ("num_layers", args.layers),
+                              ("target_accuracy", args.target_accuracy), ("digits", args.digits),
+                              ("privileged", args.privileged), ("phrase_tokens", args.phrase_tokens)):
         if value is not None:
             settings = replace(settings, **{field_name: value})
     tiny = make_tiny_policy(args.out, settings)

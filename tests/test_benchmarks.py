@@ -99,3 +99,25 @@ def test_gpu_benchmarks_smoke_run_and_summarize(tmp_path):
     anatomy = json.loads((tmp_path / "anatomy.json").read_text())
     rows = [line for line in summary.splitlines() if line.startswith("| M")]
     assert len(rows) == len(anatomy["configs"]) and sum(line.endswith("| yes |") for line in rows) == 1
+
+
+def test_step_vs_trl_benchmark_reads_the_demo_workload_and_counts_rounds():
+    """What runs without TRL (not a dependency): the step's shape comes from the demo's
+    settings, and a round closes after its two optimizer updates, its phases split."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_step_vs_trl as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shape = bench.workload(40)
+    assert (shape["responses_per_step"], shape["responses_per_update"], shape["max_response_tokens"]) == (128, 64, 64)
+    clock = bench.RoundClock(updates_per_round=2)
+    clock.start()
+    with clock.phase("rollout"):
+        with clock.phase("generate"):
+            pass
+    clock.update_done()
+    assert clock.rounds == []
+    clock.update_done()
+    (row,) = clock.rounds
+    assert row["round"] == 1 and row["step_s"] >= row["generate_s"] >= 0 and row["train_s"] >= 0

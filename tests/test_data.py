@@ -533,3 +533,28 @@ def test_tiny_warm_start_on_the_column_task_with_the_solution_in_the_teacher_vie
     problems = load_dapo_parquet(tmp_path / "train.parquet").problems
     assert len(problems) == 20 and all(len(p.question.split(" + ")[1]) == 4 for p in problems)  # "ddd?"
     assert all(p.solution.count("\n") == 3 and p.solution.endswith(f"\\boxed{{{p.answer}}}") for p in problems)
+    # the columns task's tokenizer holds the templates' fixed text as one token per phrase
+    from transformers import AutoTokenizer
+
+    from sdpg_megatron.data import TEMPLATE_PHRASES, render_prompt, student_content, teacher_content
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert len(tokenizer) == 100 + len(TEMPLATE_PHRASES) == 108
+    problem = problems[0]
+    student = render_prompt(tokenizer, student_content(problem.question), enable_thinking=True)
+    teacher = render_prompt(tokenizer, teacher_content(problem.question, problem.answer, problem.solution),
+                            enable_thinking=True)
+    assert tokenizer.decode(teacher) == tokenizer.decode(build_char_tokenizer().encode(tokenizer.decode(teacher)))
+    assert len(student) == 43 and len(teacher) == 84  # one per character: 204 and 612
+
+
+def test_phrase_tokens_are_single_ids_matched_before_the_character_split():
+    """`build_char_tokenizer(phrases=...)`: each phrase one id after the special tokens, the
+    text around it still one id per character, decoding lossless; bad phrases are refused."""
+    tokenizer = build_char_tokenizer(phrases=("hello world", "ab"))
+    ids = tokenizer.encode("xhello worldab!", add_special_tokens=False)
+    assert ids[1:3] == [100, 101] and len(ids) == 4 and tokenizer.decode(ids) == "xhello worldab!"
+    assert tokenizer.encode("hello", add_special_tokens=False) == build_char_tokenizer().encode("hello")
+    for bad in (("a",), ("ok", "ok"), ("é!",)):
+        with pytest.raises(ValueError, match="phrases must be distinct"):
+            build_char_tokenizer(phrases=bad)

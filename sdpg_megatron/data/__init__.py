@@ -18,6 +18,7 @@ from sdpg_megatron.data.language import (
 )
 from sdpg_megatron.data.synthetic import arithmetic_problems, column_addition_problems, column_steps, sft_examples
 from sdpg_megatron.data.templates import (
+    TEMPLATE_PHRASES,
     EncodedPrompt,
     PromptTooLongError,
     encode_problem,
@@ -40,6 +41,7 @@ __all__ = [
     "column_addition_problems",
     "column_steps",
     "build_char_tokenizer",
+    "TEMPLATE_PHRASES",
     "encode_problem",
     "extract_question",
     "first_non_english_letter",

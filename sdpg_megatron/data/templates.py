@@ -42,6 +42,21 @@ SOLUTION_CONTEXT = (
 )
 
 
+def _fixed_text(template: str) -> list[str]:
+    import string
+
+    return [literal for literal, *_ in string.Formatter().parse(template)]
+
+
+# The templates' fixed text (the student's two lines whole, the contexts' text between
+# their placeholders), longest first: the phrases the embedded demo's tokenizer holds as
+# single tokens (data.build_char_tokenizer's `phrases`).
+TEMPLATE_PHRASES: tuple[str, ...] = tuple(sorted(
+    {STUDENT_PREFIX, STUDENT_SUFFIX} | {piece for template in (ANSWER_CONTEXT, SOLUTION_CONTEXT)
+                                        for piece in _fixed_text(template) if len(piece) >= 8},
+    key=lambda piece: (-len(piece), piece)))
+
+
 class PromptTooLongError(ValueError):
     """A student or teacher prompt exceeds `max_prompt_tokens`; skip the problem."""
 

@@ -4,11 +4,17 @@ One token per printable ASCII character (32..126) and "\\n", `<unk>` for anythin
 plus Qwen3's `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as single special tokens and
 Qwen3's chat layout (with `thinking=True` also Qwen3's `enable_thinking` switch). Encoding is lossless on printable ASCII with
 newlines: no normaliser, no BOS, no whitespace handling, a decoder that only concatenates.
+
+`phrases` adds whole strings as single tokens (ids after the special tokens), matched
+before the character split, as a BPE vocabulary holds its frequent words: the embedded
+demo passes the prompt templates' fixed text (`data.TEMPLATE_PHRASES`), so a prompt costs
+about as many tokens as under a real tokenizer instead of one per character.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,12 +45,13 @@ THINKING_CHAT_TEMPLATE = CHAT_TEMPLATE + (
 
 
 def build_char_tokenizer(
-    out_dir: str | os.PathLike | None = None, *, thinking: bool = False,
+    out_dir: str | os.PathLike | None = None, *, thinking: bool = False, phrases: Sequence[str] = (),
 ) -> transformers.PreTrainedTokenizerFast:
-    """The character tokenizer (vocab size 100); saved to out_dir when given. `thinking`:
-    its chat template has Qwen3's enable_thinking switch.
+    """The character tokenizer (vocab size 100 + len(phrases)); saved to out_dir when given.
+    `thinking`: its chat template has Qwen3's enable_thinking switch.
 
-    Ids: 0 `<unk>`, 1..96 the characters, 97..99 the special tokens in SPECIAL_TOKENS order.
+    Ids: 0 `<unk>`, 1..96 the characters, 97..99 the special tokens in SPECIAL_TOKENS order,
+    then one per phrase, in the order given (each of at least two printable characters).
     """
     import transformers
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -59,6 +66,11 @@ def build_char_tokenizer(
     backend.add_special_tokens(
         [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
     )
+    bad = [phrase for phrase in phrases if len(phrase) < 2 or not set(phrase) <= set(CHARACTERS)]
+    if bad or len(set(phrases)) != len(phrases):
+        raise ValueError(f"build_char_tokenizer: phrases must be distinct strings of at least two printable "
+                         f"ASCII characters or newlines; got {bad or 'duplicates'}")
+    backend.add_tokens([AddedToken(phrase, special=False, normalized=False) for phrase in phrases])
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token=UNK_TOKEN,
