@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from sdpg_megatron.data import (
-    TEMPLATE_PHRASES, Problem, arithmetic_problems, build_char_tokenizer, column_addition_problems, render_prompt, sft_examples,
-    student_content, write_dapo_parquet,
+    TEMPLATE_PHRASES, Problem, arithmetic_problems, build_char_tokenizer, column_addition_problems, render_prompt,
+    sft_examples, student_content, write_dapo_parquet,
 )
 from sdpg_megatron.model.qwen3 import qwen3_tiny, to_hf_config
 from sdpg_megatron.reward import extract_boxed
@@ -94,8 +94,8 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     summary_path = out_dir / "tiny_policy.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("settings") == asdict(settings):
         cached = json.loads(summary_path.read_text())["result"]  # paths from out_dir: the directory may have moved
-        return TinyResult(**{**cached, "model_dir": str(out_dir / "model"), "train_data": str(out_dir / "train.parquet"),
-                             "eval_data": str(out_dir / "eval.parquet")})
+        return TinyResult(**{**cached, "model_dir": str(out_dir / "model"),
+                             "train_data": str(out_dir / "train.parquet"), "eval_data": str(out_dir / "eval.parquet")})
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model_dir = out_dir / "model"
@@ -234,9 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
     settings = replace(sum_settings() if args.task == "sum" else demo_settings(), thinking=args.thinking)
-    for field_name, value in (("max_sft_steps", args.sft_steps), ("train_problems", args.train_problems), ("num_layers", args.layers),
-                              ("target_accuracy", args.target_accuracy), ("digits", args.digits),
-                              ("privileged", args.privileged), ("phrase_tokens", args.phrase_tokens)):
+    flags = {"max_sft_steps": args.sft_steps, "train_problems": args.train_problems, "num_layers": args.layers,
+             "target_accuracy": args.target_accuracy, "digits": args.digits, "privileged": args.privileged,
+             "phrase_tokens": args.phrase_tokens}
+    for field_name, value in flags.items():
         if value is not None:
             settings = replace(settings, **{field_name: value})
     tiny = make_tiny_policy(args.out, settings)
