@@ -58,8 +58,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,22 +122,17 @@ def run_ours(arm: str, steps: int, tiny, work_dir: Path) -> dict:
 
 
 class RoundClock:
-    """Wall time of each generation round (`updates_per_round` optimizer updates) and its phases."""
+    """Wall time of each generation round (`updates_per_round` optimizer updates) and its
+    phases, timed by the trainer's own `PhaseTimer` (`with clock.phase("generate"): ...`)."""
 
     def __init__(self, updates_per_round: int):
+        from sdpg_megatron.driver import PhaseTimer
+
         self.updates_per_round = updates_per_round
         self.rounds: list[dict] = []
-        self._phases: dict[str, float] = defaultdict(float)
+        self.phase = PhaseTimer()
         self._updates = 0
         self._started = 0.0
-
-    @contextmanager
-    def phase(self, name: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._phases[name] += time.perf_counter() - started
 
     def start(self) -> None:
         self._started = time.perf_counter()
@@ -150,12 +143,12 @@ class RoundClock:
             return
         now = time.perf_counter()
         step = now - self._started
-        p = self._phases
+        p = {"generate": 0.0, **self.phase.seconds}
         self.rounds.append({
             "round": len(self.rounds) + 1, "step_s": step, "generate_s": p["generate"], "reward_s": p["reward"],
             "logprobs_s": p["rollout"] - p["generate"] - p["reward"], "train_s": step - p["rollout"],
         })
-        self._phases.clear()
+        self.phase = type(self.phase)()  # a fresh timer for the next round
         self._started = now
 
 
