@@ -148,19 +148,15 @@ class ModelConfig:
     mcore_dir: str | None = None
     tokenizer_dir: str | None = None  # None: hf_dir
     params_dtype: Literal["float32", "bfloat16"] = "float32"
-    # The fused loss's per-rank body: "auto" = Triton kernels for bf16 on a GPU, the
-    # chunked torch loop otherwise (a GPU where Triton does not import logs a warning once
-    # and runs the loop, ~6x slower); "torch" forces the loop; "triton" refuses to run
-    # without the kernels. The one source of this choice (no environment override; see
-    # parallel/vocab_parallel.py `resolve_backend`).
+    # The fused loss's per-rank body: "auto" = Triton kernels for bf16 on a GPU, the chunked
+    # torch loop otherwise (a GPU without Triton warns once, ~6x slower); "torch" forces the
+    # loop; "triton" refuses to run without the kernels (parallel/vocab_parallel.py).
     loss_backend: Literal["auto", "torch", "triton"] = "auto"
-    # How the training loss gets its gradient: "stats" = per-token statistics, then the loss
-    # through autograd (the backward recomputes the logits: 6 GEMMs of (N, H, V/tp) with a
-    # teacher); "single_pass" = in the forward, chunk by chunk (4 GEMMs, chunk logits held:
+    # How the loss gets its gradient: "stats" = per-token statistics, then autograd (6 GEMMs of
+    # (N, H, V/tp) with a teacher); "single_pass" = in the forward, chunk by chunk (4 GEMMs:
     # `vocab_parallel_token_loss`); "auto" = single_pass for bf16/fp16 on a GPU, stats otherwise.
     loss_mode: Literal["auto", "stats", "single_pass"] = "auto"
-    # single_pass only: ∂W of the output layer accumulated in fp32 over the token stages
-    # (+4·V/tp·H bytes) instead of in the weight's dtype (one rounding per stage).
+    # single_pass only: the output layer's ∂W accumulated in fp32 (+4·V/tp·H bytes), not its dtype.
     loss_fp32_grad_weight: bool = False
 
 
@@ -175,11 +171,13 @@ class ParallelConfig:
     # "full" keeps only the input of each unit of layers and re-runs the unit in backward:
     # with "uniform" every recompute_num_layers layers form a unit, with "block" only the
     # first recompute_num_layers layers of each pipeline stage are recomputed, one at a time.
-    # "selective" recomputes core attention only; it saves memory only where attention is
-    # unfused (local spec, fp32). Forward-only passes (teacher, π_ref) never store activations.
+    # "selective" recomputes core attention only (saves memory only with unfused attention).
     recompute_granularity: Recompute = "none"
     recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int = 1
+    # Mixture-of-experts: experts over expert_parallel ranks, each one's FFN over expert_tensor_parallel.
+    expert_parallel: int = 1
+    expert_tensor_parallel: int = 1
 
 
 @dataclass(kw_only=True)
@@ -481,6 +479,8 @@ def _validate_model(c: ModelConfig) -> None:
 def _validate_parallel(c: ParallelConfig) -> None:
     _require(c.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
     _require(c.pipeline_parallel >= 1, "parallel.pipeline_parallel", "must be >= 1")
+    _require(c.expert_parallel >= 1, "parallel.expert_parallel", "must be >= 1")
+    _require(c.expert_tensor_parallel >= 1, "parallel.expert_tensor_parallel", "must be >= 1")
     _require(not c.sequence_parallel or c.tensor_parallel > 1, "parallel.sequence_parallel",
              "needs tensor parallelism: set parallel.tensor_parallel > 1 (--tp) or turn it off")
     _require(c.recompute_granularity in get_args(Recompute), "parallel.recompute_granularity",

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-bucket parameter listings
     groups = initialize_parallel(
         tensor_parallel=config.parallel.tensor_parallel, pipeline_parallel=config.parallel.pipeline_parallel,
-        seed=config.schedule.seed,
+        expert_parallel=config.parallel.expert_parallel,
+        expert_tensor_parallel=config.parallel.expert_tensor_parallel, seed=config.schedule.seed,
     )
     try:
         Trainer(config, groups).run()

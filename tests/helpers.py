@@ -48,6 +48,42 @@ def tiny_hf_model(tied: bool):
     return arch, model
 
 
+def tiny_moe_hf_model(num_layers: int = 2):
+    """(arch, `Qwen3MoeForCausalLM`): qwen3_moe_tiny (8 experts, top-2) with VOCAB tokens,
+    fp32, eval mode, on fixed random weights (seed 1234, wider than the default init)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from sdpg_megatron.model.qwen3 import qwen3_moe_tiny, to_hf_config
+
+    arch = qwen3_moe_tiny(vocab_size=VOCAB, num_layers=num_layers)
+    torch.manual_seed(1234)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**to_hf_config(arch))).float().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return arch, model
+
+
+def checkpoint_tensors(model) -> dict:
+    """A transformers model's tensors under the names its safetensors hold: Qwen3-MoE's
+    fused in-memory experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
+    [E, H, I]) split per expert as `save_pretrained` writes them."""
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            for e, fused in enumerate(tensor):
+                gate, up = fused.chunk(2, dim=0)
+                tensors[f"{prefix}{e}.gate_proj.weight"], tensors[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e, down in enumerate(tensor):
+                tensors[f"{prefix}{e}.down_proj.weight"] = down
+        else:
+            tensors[name] = tensor
+    return tensors
+
+
 def pipeline_forward(model, config, input_ids, return_hidden: bool):
     """Forward-only through Megatron's schedule; the last stage returns its output."""
     from sdpg_megatron.model.training import forward_only

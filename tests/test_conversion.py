@@ -139,7 +139,7 @@ def _assert_nothing_left(out: Path) -> None:
 @pytest.mark.parametrize(
     "mutate, args, message",
     [
-        (lambda d: _edit_config(d, model_type="llama"), [], "not 'qwen3'"),
+        (lambda d: _edit_config(d, model_type="llama"), [], "only Qwen3 .'qwen3'. and Qwen3-MoE"),
         (lambda d: _rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight", None)), [],
          "missing tensors.*model.layers.1.mlp.up_proj.weight"),
         (lambda d: _rewrite_tensors(d, lambda t: t.update({"model.extra.weight": torch.zeros(2)})

@@ -1,9 +1,10 @@
-"""The one Hugging Face ↔ Megatron-Core table for Qwen3.
+"""The one Hugging Face ↔ Megatron-Core table for Qwen3 and Qwen3-MoE.
 
 Conversion (`tools/hf_to_mcore.py`, `tools/mcore_to_hf.py`) and, later, weight resharding
 to vLLM all go through `RULES`. A rule names one Megatron parameter (global layer index,
-local layer spec names), the Hugging Face tensors it is made of, how they combine, and how
-the result is split over tensor-parallel ranks:
+global expert index, local layer spec names), the Hugging Face tensors it is made of, how
+they combine, and how the result is split over tensor-parallel ranks (expert tensors: over
+expert-tensor-parallel ranks):
 
 - vocab:        rows are vocabulary ids, padded with zero rows to the TP-padded vocab;
                 TP splits rows (the column-parallel output layer / vocab-parallel embedding)
@@ -14,8 +15,15 @@ the result is split over tensor-parallel ranks:
 - replicated:   norms, identical on every TP rank
 
 The TE layer spec fuses the pre-attention and pre-MLP norms into the following linear
-layer (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`); `te_alias` maps
-those names onto the local spec's names used here.
+layer (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`) and keeps a
+grouped-GEMM layer's experts as `experts.linear_fc1.weight{e}`; `te_alias` maps those names
+onto the local spec's names used here (`experts.local_experts.{e}.linear_fc1.weight`).
+
+Experts are the published checkpoints' per-expert tensors (`mlp.experts.{e}.gate_proj`, as
+Qwen3-30B-A3B's safetensors hold them and vLLM loads them), never transformers' in-memory
+fused `gate_up_proj`. A rank of an expert-parallel layout holds experts
+[ep_rank · E/EP, (ep_rank + 1) · E/EP) under local indices from 0: `global_name` adds the
+offset as it adds the pipeline stage's layer offset.
 """
 
 from __future__ import annotations
@@ -57,6 +65,14 @@ RULES: tuple[Rule, ...] = (
         "gated_column",
     ),
     Rule("decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), "row"),
+    Rule("decoder.layers.{i}.mlp.router.weight", ("model.layers.{i}.mlp.gate.weight",), "replicated"),
+    Rule(
+        "decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight",
+        ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+        "gated_column",
+    ),
+    Rule("decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight",
+         ("model.layers.{i}.mlp.experts.{e}.down_proj.weight",), "row"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
     Rule("output_layer.weight", ("lm_head.weight",), "vocab"),
 )
@@ -66,6 +82,10 @@ _TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")  # after _LAYER's layer index
+_TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+_MOE_ONLY = ("mlp.router.", "mlp.experts.")
+_DENSE_ONLY = ("mlp.linear_fc1.", "mlp.linear_fc2.")
 
 
 def te_alias(name: str) -> str:
@@ -73,7 +93,24 @@ def te_alias(name: str) -> str:
     match = _LAYER.match(name)
     if match and match.group(2) in _TE_ALIASES:
         return f"decoder.layers.{match.group(1)}.{_TE_ALIASES[match.group(2)]}"
+    grouped = _TE_GROUPED_EXPERT.match(match.group(2)) if match else None
+    if grouped:
+        return f"decoder.layers.{match.group(1)}.mlp.experts.local_experts.{grouped.group(2)}.{grouped.group(1)}.weight"
     return name
+
+
+def is_expert(name: str) -> bool:
+    """Whether a Megatron parameter name (either spec's naming) is one expert's weight:
+    split over expert-parallel ranks, and over expert-TP ranks instead of TP ranks."""
+    match = _LAYER.match(te_alias(name))
+    return bool(match and _EXPERT.match(match.group(2)))
+
+
+def expert_offset(num_experts: int, ep_size: int, ep_rank: int) -> int:
+    """The global index of this expert-parallel rank's first expert."""
+    if num_experts % ep_size:
+        raise ValueError(f"expert parallel size {ep_size} does not divide num_experts={num_experts}")
+    return ep_rank * (num_experts // ep_size)
 
 
 def layer_offset(num_layers: int, pp_size: int, pp_rank: int) -> int:
@@ -82,23 +119,37 @@ def layer_offset(num_layers: int, pp_size: int, pp_rank: int) -> int:
     return pp_rank * (num_layers // pp_size)
 
 
-def global_name(local_name: str, offset: int) -> str:
-    """A stage-local Megatron name (`decoder.layers.3...`) with the global layer index."""
+def global_name(local_name: str, offset: int, expert_offset: int = 0) -> str:
+    """A stage-local Megatron name (`decoder.layers.3...`) with the global layer index and,
+    for an expert, the global expert index."""
     local_name = te_alias(local_name)
     match = _LAYER.match(local_name)
     if not match:
         return local_name
-    return f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"
+    rest = match.group(2)
+    expert = _EXPERT.match(rest)
+    if expert:
+        rest = f"mlp.experts.local_experts.{int(expert.group(1)) + expert_offset}.{expert.group(2)}"
+    return f"decoder.layers.{int(match.group(1)) + offset}.{rest}"
+
+
+def _applies(rule: Rule, arch: Qwen3Arch) -> bool:
+    if rule.mcore == "output_layer.weight" and arch.tied_embeddings:
+        return False
+    only = _MOE_ONLY if not arch.is_moe else _DENSE_ONLY
+    return not any(part in rule.mcore for part in only)
 
 
 def rules_for(arch: Qwen3Arch) -> Iterator[tuple[str, tuple[str, ...], str]]:
-    """(mcore name, hf names, kind) for every tensor of `arch`, layers expanded."""
+    """(mcore name, hf names, kind) for every tensor of `arch`, layers and experts expanded."""
     for rule in RULES:
-        if rule.mcore == "output_layer.weight" and arch.tied_embeddings:
+        if not _applies(rule, arch):
             continue
         layers = range(arch.num_layers) if "{i}" in rule.mcore else [None]
+        experts = range(arch.num_experts) if "{e}" in rule.mcore else [None]
         for i in layers:
-            yield (rule.mcore.format(i=i), tuple(h.format(i=i) for h in rule.hf), rule.kind)
+            for e in experts:
+                yield (rule.mcore.format(i=i, e=e), tuple(h.format(i=i, e=e) for h in rule.hf), rule.kind)
 
 
 def find_rule(arch: Qwen3Arch, mcore_name: str) -> tuple[tuple[str, ...], str]:
@@ -107,13 +158,21 @@ def find_rule(arch: Qwen3Arch, mcore_name: str) -> tuple[tuple[str, ...], str]:
     if mcore_name == "output_layer.weight" and arch.tied_embeddings:
         mcore_name = "embedding.word_embeddings.weight"
     match = _LAYER.match(mcore_name)
-    pattern = f"decoder.layers.{{i}}.{match.group(2)}" if match else mcore_name
+    index = expert = None
+    pattern = mcore_name
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        expert_match = _EXPERT.match(rest)
+        if expert_match:
+            expert, rest = int(expert_match.group(1)), f"mlp.experts.local_experts.{{e}}.{expert_match.group(2)}"
+        pattern = f"decoder.layers.{{i}}.{rest}"
     for rule in RULES:
-        if rule.mcore == pattern:
-            index = int(match.group(1)) if match else None
+        if rule.mcore == pattern and _applies(rule, arch):
             if index is not None and not 0 <= index < arch.num_layers:
                 break
-            return tuple(h.format(i=index) for h in rule.hf), rule.kind
+            if expert is not None and not 0 <= expert < arch.num_experts:
+                break
+            return tuple(h.format(i=index, e=expert) for h in rule.hf), rule.kind
     raise KeyError(f"no HF mapping for Megatron parameter {mcore_name!r}")
 
 
@@ -200,18 +259,24 @@ def load_hf_weights(
     tp_rank: int,
     pp_size: int,
     pp_rank: int,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    etp_size: int = 1,
+    etp_rank: int = 0,
 ) -> list[str]:
-    """Copy HF tensors into this rank's Megatron model (one parameter at a time).
+    """Copy HF tensors into this rank's Megatron model (one parameter at a time); experts
+    are this EP rank's, split over the expert-TP ranks.
 
     Returns the Megatron names that were loaded; raises ValueError on a shape mismatch.
     """
     offset = layer_offset(arch.num_layers, pp_size, pp_rank)
+    first_expert = expert_offset(arch.num_experts, ep_size, ep_rank) if arch.is_moe else 0
     loaded = []
     for local_name, param in model.named_parameters():
-        name = global_name(local_name, offset)
+        name = global_name(local_name, offset, first_expert)
         hf_names, kind = find_rule(arch, name)
         full = to_mcore(kind, [read_hf(h) for h in hf_names], arch, padded_vocab)
-        shard = tp_shard(kind, full, tp_size, tp_rank)
+        shard = tp_shard(kind, full, *((etp_size, etp_rank) if is_expert(name) else (tp_size, tp_rank)))
         if shard.shape != param.shape:
             raise ValueError(
                 f"{name}: HF tensors {list(hf_names)} give a TP shard of shape {tuple(shard.shape)}, "

@@ -64,6 +64,8 @@ def transformer_config(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     recompute_granularity: str = "none",
@@ -76,8 +78,11 @@ def transformer_config(
     recompute_*: `ParallelConfig`'s activation recomputation ("none", "selective" = core
     attention, "full" = whole layers by `recompute_method` in units of `recompute_num_layers`).
     variable_seq_lengths: micro-batches differ in shape (dynamic batching, packed
-    sequences); the pipeline schedule then sends each activation's shape before it."""
-    check_layout(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    sequences); the pipeline schedule then sends each activation's shape before it.
+    expert_parallel / expert_tensor_parallel: how a mixture-of-experts model splits its
+    experts (`moe_settings`); dense models take 1 and 1."""
+    check_layout(arch, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                 expert_parallel=expert_parallel, expert_tensor_parallel=expert_tensor_parallel)
     check_recompute(arch, pipeline_parallel=pipeline_parallel, granularity=recompute_granularity,
                     method=recompute_method, num_layers=recompute_num_layers)
     check_sequence_parallel(tensor_parallel=tensor_parallel, sequence_parallel=sequence_parallel)
@@ -119,10 +124,44 @@ def transformer_config(
         recompute_method=recompute_method if full else None,
         recompute_num_layers=recompute_num_layers if full else None,
         variable_seq_lengths=variable_seq_lengths,
-        # Megatron refuses variable_seq_lengths with its default MoE dispatcher ("allgather")
-        # even for dense models; Qwen3 dense builds no dispatcher, so the choice changes nothing
-        moe_token_dispatcher_type="alltoall" if variable_seq_lengths else "allgather",
+        **moe_settings(arch, expert_parallel=expert_parallel, expert_tensor_parallel=expert_tensor_parallel,
+                       variable_seq_lengths=variable_seq_lengths),
     )
+
+
+def moe_settings(arch: Qwen3Arch, *, expert_parallel: int, expert_tensor_parallel: int,
+                 variable_seq_lengths: bool) -> dict:
+    """TransformerConfig's mixture-of-experts fields for `arch` (Qwen3-MoE's router in
+    Megatron's terms).
+
+    - top-k of the softmax, renormalised (norm_topk_prob) ⇔ Megatron's softmax over the
+      top-k logits (moe_router_pre_softmax=False); unnormalised ⇔ pre-softmax;
+    - the load-balancing loss is Megatron's per-layer, per-micro-batch switch loss
+      ("aux_loss") weighted by router_aux_loss_coef; router logits in fp32 where
+      transformer-engine is (as Megatron-based peers run Qwen3-MoE);
+    - dropless, all-to-all token dispatch over the expert-parallel group (runs over gloo
+      on CPU); grouped GEMM where transformer-engine is (GPU), one MLP per expert otherwise.
+    Dense models: Megatron refuses variable_seq_lengths with its default dispatcher
+    ("allgather") even without experts; dense Qwen3 builds no dispatcher, so "alltoall" there
+    changes nothing."""
+    if not arch.is_moe:
+        return {"moe_token_dispatcher_type": "alltoall" if variable_seq_lengths else "allgather"}
+    return {
+        "num_moe_experts": arch.num_experts,
+        "moe_router_topk": arch.experts_per_token,
+        "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
+        "moe_router_pre_softmax": not arch.norm_topk_prob,
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": arch.router_aux_loss_coef,
+        # Megatron's fp32 router GEMM needs transformer-engine (without it, 0.16.1 fails with
+        # a NameError); without TE the router runs in the parameters' dtype
+        "moe_router_dtype": "fp32" if transformer_engine_available() else None,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": transformer_engine_available(),
+        "moe_permute_fusion": False,
+        "expert_model_parallel_size": expert_parallel,
+        "expert_tensor_parallel_size": expert_tensor_parallel,
+    }
 
 
 def check_sequence_parallel(*, tensor_parallel: int, sequence_parallel: bool) -> None:
@@ -154,13 +193,27 @@ def check_recompute(arch: Qwen3Arch, *, pipeline_parallel: int, granularity: str
         )
 
 
-def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: int) -> None:
-    """ValueError naming the quantity that a TP/PP size does not divide, and sizes that do."""
-    tp, pp = tensor_parallel, pipeline_parallel
-    if tp < 1 or pp < 1:
-        raise ValueError(f"tensor and pipeline parallel sizes must be >= 1, got {tp}, {pp}")
+def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: int, expert_parallel: int = 1,
+                 expert_tensor_parallel: int = 1) -> None:
+    """ValueError naming the quantity that a TP/PP/EP/ETP size does not divide, and sizes
+    that do."""
+    tp, pp, ep, etp = tensor_parallel, pipeline_parallel, expert_parallel, expert_tensor_parallel
+    if min(tp, pp, ep, etp) < 1:
+        raise ValueError(f"tensor, pipeline, expert and expert tensor parallel sizes must be >= 1, got {tp}, {pp}, "
+                         f"{ep}, {etp}")
+    if not arch.is_moe and (ep, etp) != (1, 1):
+        raise ValueError(f"expert parallel sizes (parallel.expert_parallel={ep}, parallel.expert_tensor_parallel="
+                         f"{etp}, --ep) apply to mixture-of-experts models only; this model is dense: set them to 1")
+    if arch.is_moe:
+        if arch.num_experts % ep:
+            raise ValueError(f"expert parallel size {ep} (parallel.expert_parallel, --ep) does not divide "
+                             f"num_experts={arch.num_experts}; choose one of {divisors(arch.num_experts)}")
+        if arch.moe_ffn_hidden_size % etp:
+            raise ValueError(f"expert tensor parallel size {etp} (parallel.expert_tensor_parallel) does not divide "
+                             f"moe_ffn_hidden_size={arch.moe_ffn_hidden_size}; choose one of "
+                             f"{divisors(arch.moe_ffn_hidden_size)}")
     quantities = (("num_attention_heads", arch.num_attention_heads), ("num_query_groups", arch.num_query_groups),
-                  ("ffn_hidden_size", arch.ffn_hidden_size))
+                  *((("ffn_hidden_size", arch.ffn_hidden_size),) if not arch.is_moe else ()))
     for quantity, value in quantities:
         if value % tp:
             valid = divisors(math.gcd(*(v for _, v in quantities)))
@@ -194,7 +247,7 @@ def divisors(value: int) -> list[int]:
     return [n for n in range(1, value + 1) if value % n == 0]
 
 
-def layer_spec(use_transformer_engine: bool | None = None):
+def layer_spec(use_transformer_engine: bool | None = None, num_experts: int | None = None):
     """TE spec when transformer-engine is usable (GPU), Megatron's local spec otherwise
     (`resolve_transformer_engine`: a GPU without TE says so once).
 
@@ -205,8 +258,9 @@ def layer_spec(use_transformer_engine: bool | None = None):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if resolve_transformer_engine(use_transformer_engine):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=True)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=True, normalization="RMSNorm")
     layer = spec.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
     attention = layer.self_attention.submodules
@@ -236,10 +290,20 @@ def block_spec(config: TransformerConfig, use_transformer_engine: bool | None = 
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     use_transformer_engine = resolve_transformer_engine(use_transformer_engine)
-    spec = layer_spec(use_transformer_engine)
+    spec = layer_spec(use_transformer_engine, config.num_moe_experts)
     if use_transformer_engine:
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm)
+
+
+def define_router_gemm_without_te() -> None:
+    """Megatron-Core 0.16.1's router GEMM tests `te_general_gemm is not None`, but only
+    binds the name when transformer-engine imports: without TE every MoE forward fails with
+    a NameError. Bind it to None there, which selects the plain torch.mm path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 class PolicyGPTModel(GPTModel):
@@ -313,6 +377,8 @@ def model_provider(
     `padded_vocab` defaults to Megatron's padding for this TP size; a checkpoint records
     the padding it was written with, and a model loading it must use the same."""
     padded_vocab = resolve_padded_vocab(arch, config.tensor_model_parallel_size, padded_vocab)
+    if arch.is_moe:
+        define_router_gemm_without_te()
     return PolicyGPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, use_transformer_engine, vp_stage),

@@ -9,7 +9,9 @@ demo) three kinds of assumption break, and each is mapped here, nowhere else:
 2. device queries and streams — `torch.cuda.synchronize`, `current_stream`, `Event`,
    memory statistics, NVTX ranges: no-op stand-ins;
 3. the model-parallel RNG tracker and activation recomputation's RNG save/restore — they
-   keep CUDA generator states: the same bookkeeping on the CPU generator.
+   keep CUDA generator states: the same bookkeeping on the CPU generator;
+4. the MoE token dispatcher's device-to-host copy of its all-to-all split sizes, which
+   yields numpy arrays only for CUDA tensors: CPU tensors are converted the same way.
 
 Custom autograd Functions' backwards (Megatron's sequence-parallel collectives, its
 recomputation) run under the same device mode as the forward.
@@ -40,6 +42,7 @@ def apply_cpu_shim() -> bool:
             _patch_cuda_module()
             _patch_rng_tracker()
             _patch_function_backward()
+            _patch_moe_split_sizes()
             _CudaToCpuMode().__enter__()  # stays on the mode stack for the process
             _applied = True
     return True
@@ -202,3 +205,24 @@ def _patch_rng_tracker() -> None:
     # to the CPU one; here the device generator is the CPU generator.
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+
+# --------------------------------------------------------------------------- 4. MoE dispatch
+
+
+def _patch_moe_split_sizes() -> None:
+    """`maybe_move_tensor_to_cpu(t, as_numpy=True)` returns a numpy array for a CUDA tensor
+    and the tensor itself otherwise; the all-to-all then passes it as split sizes, which
+    torch.distributed takes as a sequence of ints only. Give CPU tensors the GPU path's
+    numpy form."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu

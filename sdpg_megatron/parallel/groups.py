@@ -26,6 +26,13 @@ class ParallelGroups:
     pp_rank: int
     dp_size: int
     dp_rank: int
+    ep_size: int = 1  # expert parallelism (mixture-of-experts models)
+    ep_rank: int = 0
+    etp_size: int = 1  # expert tensor parallelism
+    etp_rank: int = 0
+    ep_group: dist.ProcessGroup | None = None
+    etp_group: dist.ProcessGroup | None = None
+    expert_dp_rank: int = 0  # which replica of this rank's experts (0 pushes them)
 
     @property
     def is_first_stage(self) -> bool:
@@ -41,8 +48,12 @@ class ParallelGroups:
         return self.tp_group if self.tp_size > 1 else None
 
 
-def initialize_parallel(*, tensor_parallel: int, pipeline_parallel: int, seed: int) -> ParallelGroups:
-    """Megatron parallel state for this process; the default process group must exist."""
+def initialize_parallel(*, tensor_parallel: int, pipeline_parallel: int, seed: int, expert_parallel: int = 1,
+                        expert_tensor_parallel: int = 1) -> ParallelGroups:
+    """Megatron parallel state for this process; the default process group must exist.
+
+    Experts are laid out as Megatron lays them out: each pipeline stage's TP × DP ranks
+    are regrouped as expert-TP × EP × expert-DP, so EP × ETP must divide TP × DP."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -54,12 +65,20 @@ def initialize_parallel(*, tensor_parallel: int, pipeline_parallel: int, seed: i
             f"world size {world} is not divisible by tensor_parallel × pipeline_parallel = "
             f"{tensor_parallel} × {pipeline_parallel}"
         )
+    per_stage = world // pipeline_parallel
+    if per_stage % (expert_parallel * expert_tensor_parallel):
+        raise ValueError(
+            f"expert_parallel × expert_tensor_parallel = {expert_parallel} × {expert_tensor_parallel} must divide the "
+            f"{per_stage} ranks of each pipeline stage (world size {world} / pipeline_parallel {pipeline_parallel})"
+        )
     apply_cpu_shim()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
     )
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     torch.manual_seed(seed)
@@ -79,6 +98,13 @@ def current_groups() -> ParallelGroups:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
     )
 
 
