@@ -95,7 +95,9 @@ class ModelPasses:
                 load_mcore_weights(module, config.model.mcore_dir)
             else:
                 load_hf_weights(module, self.arch, source.read, padded_vocab=padded, tp_size=groups.tp_size,
-                                tp_rank=groups.tp_rank, pp_size=groups.pp_size, pp_rank=groups.pp_rank)
+                                tp_rank=groups.tp_rank, pp_size=groups.pp_size, pp_rank=groups.pp_rank,
+                                ep_size=groups.ep_size, ep_rank=groups.ep_rank, etp_size=groups.etp_size,
+                                etp_rank=groups.etp_rank)
 
         if config.model.mcore_dir:
             check_mcore_source(config.model.mcore_dir, self.arch, padded, tp=groups.tp_size)

@@ -137,7 +137,8 @@ def _transformer_config(arch, groups, params_dtype, parallel: ParallelConfig | N
     recompute = {"recompute_granularity": parallel.recompute_granularity, "recompute_method": parallel.recompute_method,
                  "recompute_num_layers": parallel.recompute_num_layers} if training else {}
     return transformer_config(
-        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, params_dtype=params_dtype,
+        arch, tensor_parallel=groups.tp_size, pipeline_parallel=groups.pp_size, expert_parallel=groups.ep_size,
+        expert_tensor_parallel=groups.etp_size, params_dtype=params_dtype,
         sequence_parallel=parallel.sequence_parallel, variable_seq_lengths=variable_seq_lengths, **recompute,
     )
 
