@@ -294,8 +294,9 @@ class ModelPasses:
         return totals
 
     def reduce_metrics(self, results: list[StepResult]) -> dict[str, float]:
-        """Token-weighted means of the loss metrics over the step (meaningful on rank 0);
-        with logging.term_pulls, each term's pull: the norm of its gradient w.r.t. the last
+        """Token-weighted means of the loss metrics over the step (meaningful on rank 0), a
+        mixture-of-experts model's router metrics averaged over the step's updates; with
+        logging.term_pulls, each term's pull: the norm of its gradient w.r.t. the last
         hidden states over the step's tokens, divided by their count (the gradient of the
         term's token-mean), and the ratio of OPD's to the outcome term's."""
         n = len(LOSS_METRICS)
@@ -319,4 +320,6 @@ class ModelPasses:
             metrics.update({f"pull/{term}": pull for term, pull in pulls.items()})
             if pulls["outcome"] > 0:
                 metrics["pull/opd_to_outcome"] = pulls["opd"] / pulls["outcome"]
+        routed = [result.router for result in results if result.router]  # mixture of experts: per update
+        metrics.update({key: sum(r[key] for r in routed) / len(routed) for key in (routed[0] if routed else ())})
         return metrics

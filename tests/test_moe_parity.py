@@ -18,7 +18,7 @@ from tests.distributed import run_distributed
 from tests.helpers import VOCAB, checkpoint_tensors, pipeline_forward, tiny_moe_hf_model
 
 SEQ, BATCH = 12, 2
-WORLD_2 = [(1, 1, 1), (1, 2, 1), (2, 1, 1)]  # (tp, ep, pp): TP1 (as DP2), EP2, TP2
+WORLD_2 = [(1, 1, 1), (1, 2, 1), (2, 1, 1)]  # (tp, ep, pp): TP1 (as DP2), EP2, TP2 (experts at ETP2)
 WORLD_4 = [(2, 2, 1), (1, 2, 2)]  # TP2×EP2, EP2×PP2
 LAYOUTS = WORLD_2 + WORLD_4
 
@@ -33,16 +33,19 @@ def _parity_at_layout(tp: int, ep: int, pp: int) -> dict | None:
     from sdpg_megatron.parallel import padded_vocab_size, vocab_parallel_token_stats
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
 
-    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, seed=0)
+    etp = tp if ep == 1 else 1  # without EP, Megatron needs experts split like the dense layers
+    groups = initialize_parallel(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                 expert_tensor_parallel=etp, seed=0)
     try:
         arch, hf_model = tiny_moe_hf_model()
         tensors = checkpoint_tensors(hf_model)
-        config = transformer_config(arch, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
+        config = transformer_config(arch, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                    expert_tensor_parallel=etp)
         model = model_provider(arch, config, pre_process=groups.is_first_stage,
                                post_process=groups.is_last_stage).eval()
         load_hf_weights(model, arch, tensors.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp),
                         tp_size=tp, tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank,
-                        ep_size=groups.ep_size, ep_rank=groups.ep_rank)
+                        ep_size=groups.ep_size, ep_rank=groups.ep_rank, etp_size=etp, etp_rank=groups.etp_rank)
         local_experts = sum(1 for name, _ in model.named_parameters() if name.endswith("linear_fc2.weight")
                             and ".layers.0." in name)
         input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
@@ -106,6 +109,6 @@ def test_expert_layout_that_does_not_divide_is_rejected():
     with pytest.raises(ValueError, match="num_experts=8"):
         check_layout(qwen3_moe_tiny(), tensor_parallel=1, pipeline_parallel=1, expert_parallel=3)
     with pytest.raises(ValueError, match="moe_ffn_hidden_size=768"):
-        check_layout(qwen3_30b_a3b(), tensor_parallel=1, pipeline_parallel=1, expert_tensor_parallel=5)
+        check_layout(qwen3_30b_a3b(), tensor_parallel=1, pipeline_parallel=1, expert_parallel=2, expert_tensor_parallel=5)
     with pytest.raises(ValueError, match="dense"):
         check_layout(qwen3_4b(), tensor_parallel=1, pipeline_parallel=1, expert_parallel=2)

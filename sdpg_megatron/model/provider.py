@@ -125,12 +125,13 @@ def transformer_config(
         recompute_num_layers=recompute_num_layers if full else None,
         variable_seq_lengths=variable_seq_lengths,
         **moe_settings(arch, expert_parallel=expert_parallel, expert_tensor_parallel=expert_tensor_parallel,
-                       variable_seq_lengths=variable_seq_lengths),
+                       variable_seq_lengths=variable_seq_lengths,
+                       sequence_shards=tensor_parallel if sequence_parallel else 1),
     )
 
 
 def moe_settings(arch: Qwen3Arch, *, expert_parallel: int, expert_tensor_parallel: int,
-                 variable_seq_lengths: bool) -> dict:
+                 variable_seq_lengths: bool, sequence_shards: int = 1) -> dict:
     """TransformerConfig's mixture-of-experts fields for `arch` (Qwen3-MoE's router in
     Megatron's terms).
 
@@ -138,7 +139,11 @@ def moe_settings(arch: Qwen3Arch, *, expert_parallel: int, expert_tensor_paralle
       top-k logits (moe_router_pre_softmax=False); unnormalised ⇔ pre-softmax;
     - the load-balancing loss is Megatron's per-layer, per-micro-batch switch loss
       ("aux_loss") weighted by router_aux_loss_coef; router logits in fp32 where
-      transformer-engine is (as Megatron-based peers run Qwen3-MoE);
+      transformer-engine is (as Megatron-based peers run Qwen3-MoE). With per-token loss
+      scaling Megatron scales each rank's share of the term by the tokens that rank routes,
+      which under sequence parallelism is 1/TP of the sequence: the coefficient is
+      multiplied by `sequence_shards` (TP with sequence parallelism) so that the term's
+      gradient is the same at every layout (tests/test_moe_training_step.py);
     - dropless, all-to-all token dispatch over the expert-parallel group (runs over gloo
       on CPU); grouped GEMM where transformer-engine is (GPU), one MLP per expert otherwise.
     Dense models: Megatron refuses variable_seq_lengths with its default dispatcher
@@ -152,7 +157,7 @@ def moe_settings(arch: Qwen3Arch, *, expert_parallel: int, expert_tensor_paralle
         "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
         "moe_router_pre_softmax": not arch.norm_topk_prob,
         "moe_router_load_balancing_type": "aux_loss",
-        "moe_aux_loss_coeff": arch.router_aux_loss_coef,
+        "moe_aux_loss_coeff": arch.router_aux_loss_coef * sequence_shards,
         # Megatron's fp32 router GEMM needs transformer-engine (without it, 0.16.1 fails with
         # a NameError); without TE the router runs in the parameters' dtype
         "moe_router_dtype": "fp32" if transformer_engine_available() else None,
@@ -208,9 +213,18 @@ def check_layout(arch: Qwen3Arch, *, tensor_parallel: int, pipeline_parallel: in
         if arch.num_experts % ep:
             raise ValueError(f"expert parallel size {ep} (parallel.expert_parallel, --ep) does not divide "
                              f"num_experts={arch.num_experts}; choose one of {divisors(arch.num_experts)}")
+        if ep == 1 and etp != tp:
+            # Megatron marks experts as expert-parallel only at EP > 1; at EP 1 their gradients
+            # are reduced as dense ones, over the data-parallel group alone, which is right only
+            # when experts are split like the dense layers
+            raise ValueError(
+                f"without expert parallelism (parallel.expert_parallel=1) Megatron treats experts as dense layers, so "
+                f"parallel.expert_tensor_parallel must equal parallel.tensor_parallel={tp} (got {etp}); set it to "
+                f"{tp}, or split the experts with parallel.expert_parallel > 1"
+            )
         if arch.moe_ffn_hidden_size % etp:
-            raise ValueError(f"expert tensor parallel size {etp} (parallel.expert_tensor_parallel) does not divide "
-                             f"moe_ffn_hidden_size={arch.moe_ffn_hidden_size}; choose one of "
+            raise ValueError(f"expert tensor parallel size {etp} (parallel.expert_tensor_parallel, --etp) does not "
+                             f"divide moe_ffn_hidden_size={arch.moe_ffn_hidden_size}; choose one of "
                              f"{divisors(arch.moe_ffn_hidden_size)}")
     quantities = (("num_attention_heads", arch.num_attention_heads), ("num_query_groups", arch.num_query_groups),
                   *((("ffn_hidden_size", arch.ffn_hidden_size),) if not arch.is_moe else ()))

@@ -9,7 +9,7 @@ and data-parallel ranks — exactly docs/method.md's token-mean over the mini-ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -45,6 +45,7 @@ class StepResult:
     grad_norm: float | None
     update_successful: bool  # False: the step was skipped (non-finite gradients)
     lr: float = 0.0  # the learning rate this update ran at
+    router: dict = field(default_factory=dict)  # mixture-of-experts: `router_metrics`, on every rank
 
 
 def build_policy(
@@ -134,6 +135,11 @@ def build_frozen(
 def _transformer_config(arch, groups, params_dtype, parallel: ParallelConfig | None, *, training: bool,
                         variable_seq_lengths: bool):
     parallel = parallel or ParallelConfig()
+    if training and arch.is_moe and groups.tp_size > 1 and not parallel.sequence_parallel:
+        raise ValueError(
+            f"a mixture-of-experts model trains at tensor parallel size {groups.tp_size} only with sequence "
+            "parallelism (Megatron's MoE layer refuses TP > 1 without it): set parallel.sequence_parallel=true"
+        )
     recompute = {"recompute_granularity": parallel.recompute_granularity, "recompute_method": parallel.recompute_method,
                  "recompute_num_layers": parallel.recompute_num_layers} if training else {}
     return transformer_config(
@@ -174,13 +180,44 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    router = router_metrics(policy.config, num_microbatches)
     if not _gradients_finite(policy.model):
         # NaN/inf anywhere on any rank: nothing is applied, Adam's state is untouched.
-        return StepResult(losses=losses, grad_norm=float("nan"), update_successful=False, lr=lr)
+        return StepResult(losses=losses, grad_norm=float("nan"), update_successful=False, lr=lr, router=router)
     update_successful, grad_norm, _ = policy.optimizer.step()
     if update_successful and policy.lr_warmup_unit == "optimizer_step":
         policy.scheduler.step(increment=1)
-    return StepResult(losses=losses, grad_norm=grad_norm, update_successful=bool(update_successful), lr=lr)
+    return StepResult(losses=losses, grad_norm=grad_norm, update_successful=bool(update_successful), lr=lr,
+                      router=router)
+
+
+def router_metrics(config: TransformerConfig, num_microbatches: int) -> dict[str, float]:
+    """A mixture-of-experts step's load-balancing loss on its own (collective; {} for dense
+    models): Megatron's per-layer switch loss without its coefficient, summed over the
+    step's micro-batches by the routers, gathered over pipeline stages and sequence-parallel
+    shards, averaged over data-parallel ranks, then over layers and micro-batches. 1.0 is
+    perfectly balanced routing. Clears Megatron's tracker for the next step.
+
+    The term enters the objective as Megatron's per-token-loss convention puts it: each
+    micro-batch's coefficient · loss is scaled by its routed tokens and the step's
+    gradients are divided by its loss tokens (`finalize_model_grads`), so its weight is
+    router_aux_loss_coef × routed tokens / loss tokens."""
+    if not config.num_moe_experts or not config.moe_aux_loss_coeff:
+        return {}
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        raise RuntimeError("no router recorded a load-balancing loss in this step; were the passes in train mode?")
+    reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    values = tracker["load_balancing_loss"]["values"]
+    loss = values.sum().item() / (config.num_layers * num_microbatches)
+    clear_aux_losses_tracker()
+    return {"moe/load_balancing_loss": loss}
 
 
 def _gradients_finite(model: DistributedDataParallel) -> bool:
