@@ -7,7 +7,7 @@ sharded state dict Megatron-LM writes — {"model", "optimizer", "scheduler"} �
     trainer_state.json   the trainer's JSON-serialisable state (rank 0)
     driver_state.pt      optional, rank 0: what is not JSON (rollout.mode=one_step_off: the
                          next step's batch, generated ahead), torch.save of plain containers
-    layout.json          world size, TP/PP/DP sizes and optimizer kind it was written at
+    layout.json          world size, TP/PP/DP/EP/ETP sizes and optimizer kind it was written at
     rng/rank_{r}.pt      python / numpy / torch CPU / torch CUDA / Megatron tracker states
     COMPLETE             written last, by rank 0, once every rank has finished
 
@@ -231,7 +231,7 @@ def load_checkpoint(root_or_dir: str | os.PathLike, policy: TrainableModel, grou
     path = _resolve_on_rank0(Path(root_or_dir))
     if path is None:
         return None
-    saved_layout = json.loads((path / LAYOUT_FILE).read_text())
+    saved_layout = {"ep": 1, "etp": 1, **json.loads((path / LAYOUT_FILE).read_text())}  # EP/ETP: 1 before MoE
     layout = _layout(policy, groups)
     _check_layout(path, saved_layout, layout)
     _check_shapes(path, policy.module.sharded_state_dict(metadata=_sharded_metadata()), saved_layout, layout)
@@ -284,11 +284,15 @@ def _check_layout(path: Path, saved: dict, current: dict) -> None:
             f"{path} was written with use_distributed_optimizer={saved['distributed_optimizer']}; "
             f"set optimizer.use_distributed_optimizer to match to resume from it"
         )
-    if (saved["tp"], saved["pp"]) != (current["tp"], current["pp"]):
+
+    def sizes(layout: dict) -> str:
+        return f"TP {layout['tp']} × PP {layout['pp']} × EP {layout['ep']} × ETP {layout['etp']}"
+
+    if sizes(saved) != sizes(current):
         raise ValueError(
-            f"{path} was written at TP {saved['tp']} × PP {saved['pp']} and this run is TP {current['tp']} × "
-            f"PP {current['pp']}; its optimizer state ({OPTIMIZER_SHARDING}) reshards across data-parallel "
-            f"ranks only: resume at TP {saved['tp']} × PP {saved['pp']} (any data-parallel size)"
+            f"{path} was written at {sizes(saved)} and this run is {sizes(current)}; its optimizer state "
+            f"({OPTIMIZER_SHARDING}) reshards across data-parallel ranks only: resume at {sizes(saved)} "
+            "(any data-parallel size)"
         )
 
 
@@ -379,6 +383,7 @@ def _set_adam_steps(optimizer, step: int) -> None:
 
 def _layout(policy: TrainableModel, groups: ParallelGroups) -> dict:
     return {"world_size": dist.get_world_size(), "tp": groups.tp_size, "pp": groups.pp_size, "dp": groups.dp_size,
+            "ep": groups.ep_size, "etp": groups.etp_size,
             "distributed_optimizer": bool(policy.model.ddp_config.use_distributed_optimizer)}
 
 

@@ -84,6 +84,44 @@ def checkpoint_tensors(model) -> dict:
     return tensors
 
 
+def nll_train_step(policy, groups, arch, tokens: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """One optimizer step on this DP rank's rows of the global batch (`tokens` [B, S+1],
+    `mask` [B, S]; one row per micro-batch) with a masked token-mean NLL from the fused
+    vocab-parallel loss: (StepResult, the step's loss over all DP ranks, on the last stage)."""
+    from sdpg_megatron.model.training import train_step
+    from sdpg_megatron.parallel import vocab_parallel_token_stats
+
+    seq = mask.shape[1]
+    per_rank = tokens.shape[0] // groups.dp_size
+    rows = range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank)
+
+    def forward_step(data_iterator, model):
+        batch_tokens, batch_mask = next(data_iterator)
+        hidden = model(batch_tokens[:, :-1], torch.arange(seq)[None], None, return_hidden=True)
+
+        def loss_func(hidden_states):
+            stats = vocab_parallel_token_stats(
+                hidden_states.transpose(0, 1).reshape(-1, arch.hidden_size), model.module.output_weight(),
+                batch_tokens[:, 1:].reshape(-1), group=groups.loss_tp_group, vocab_size=arch.vocab_size,
+            )
+            token_mask = batch_mask.reshape(-1)
+            loss_sum = -(stats.logprobs * token_mask).sum()
+            num_tokens = token_mask.sum().to(torch.int)
+            return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
+
+        return hidden, loss_func
+
+    result = train_step(policy, forward_step, iter([(tokens[r : r + 1], mask[r : r + 1]) for r in rows]),
+                        num_microbatches=per_rank, seq_length=seq, micro_batch_size=1)
+    loss = None
+    if groups.is_last_stage:
+        totals = torch.tensor([sum(float(l["loss_sum"]) for l in result.losses),
+                               sum(int(l["num_tokens"]) for l in result.losses)], dtype=torch.float64)
+        dist.all_reduce(totals, group=groups.dp_group)
+        loss = (totals[0] / totals[1]).item()
+    return result, loss
+
+
 def pipeline_forward(model, config, input_ids, return_hidden: bool):
     """Forward-only through Megatron's schedule; the last stage returns its output."""
     from sdpg_megatron.model.training import forward_only

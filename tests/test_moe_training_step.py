@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
-from tests.helpers import VOCAB, checkpoint_tensors, tiny_moe_hf_model
+from tests.helpers import VOCAB, checkpoint_tensors, nll_train_step, tiny_moe_hf_model
 
 GLOBAL_BATCH, SEQ = 4, 16  # SEQ: sequence parallelism at TP2 splits it in halves
 EXPERT_PROBE = "decoder.layers.1.mlp.experts.local_experts.6.linear_fc1.weight"  # EP rank 1 at EP2
@@ -36,8 +36,8 @@ def _step_at_layout(tp: int, ep: int, pp: int) -> dict:
     from sdpg_megatron.config import OptimizerConfig, ParallelConfig
     from sdpg_megatron.model.hf_mapping import (expert_offset, find_rule, global_name, layer_offset, load_hf_weights,
                                                 tp_gather)
-    from sdpg_megatron.model.training import build_policy, train_step
-    from sdpg_megatron.parallel import padded_vocab_size, vocab_parallel_token_stats
+    from sdpg_megatron.model.training import build_policy
+    from sdpg_megatron.parallel import padded_vocab_size
     from sdpg_megatron.parallel.groups import destroy_parallel, initialize_parallel
 
     etp = tp if ep == 1 else 1
@@ -53,36 +53,10 @@ def _step_at_layout(tp: int, ep: int, pp: int) -> dict:
             m, arch, tensors.__getitem__, padded_vocab=padded_vocab_size(VOCAB, tp), tp_size=tp,
             tp_rank=groups.tp_rank, pp_size=pp, pp_rank=groups.pp_rank, ep_size=ep, ep_rank=groups.ep_rank,
             etp_size=etp, etp_rank=groups.etp_rank))
-        tokens, mask = _batch()
-        per_rank = GLOBAL_BATCH // groups.dp_size
-        rows = range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank)
-        microbatches = iter([(tokens[r : r + 1], mask[r : r + 1]) for r in rows])
-
-        def forward_step(data_iterator, model):
-            batch_tokens, batch_mask = next(data_iterator)
-            inputs, targets = batch_tokens[:, :-1], batch_tokens[:, 1:]
-            hidden = model(inputs, torch.arange(SEQ)[None], None, return_hidden=True)
-
-            def loss_func(hidden_states):
-                stats = vocab_parallel_token_stats(
-                    hidden_states.transpose(0, 1).reshape(-1, arch.hidden_size), model.module.output_weight(),
-                    targets.reshape(-1), group=groups.loss_tp_group, vocab_size=VOCAB,
-                )
-                token_mask = batch_mask.reshape(-1)
-                loss_sum = -(stats.logprobs * token_mask).sum()
-                num_tokens = token_mask.sum().to(torch.int)
-                return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
-
-            return hidden, loss_func
-
-        result = train_step(policy, forward_step, microbatches, num_microbatches=per_rank,
-                            seq_length=SEQ, micro_batch_size=1)
+        result, loss = nll_train_step(policy, groups, arch, *_batch())
         report = {"grad_norm": result.grad_norm, "updated": result.update_successful, **result.router}
-        if groups.is_last_stage:
-            totals = torch.tensor([sum(float(l["loss_sum"]) for l in result.losses),
-                                   sum(int(l["num_tokens"]) for l in result.losses)], dtype=torch.float64)
-            dist.all_reduce(totals, group=groups.dp_group)
-            report["loss"] = (totals[0] / totals[1]).item()
+        if loss is not None:
+            report["loss"] = loss
         offset = layer_offset(arch.num_layers, pp, groups.pp_rank)
         first_expert = expert_offset(arch.num_experts, ep, groups.ep_rank)
         held = {name: param.detach().clone() for local, param in policy.module.named_parameters()
