@@ -12,6 +12,9 @@ Face directory (config.json, safetensors, tokenizer) that transformers and vLLM 
 - tools/hf_to_mcore.py's output, which records its architecture in sdpg_model.json and
   carries its tokenizer.
 
+Qwen3-MoE exports the same way, from any expert-parallel layout: experts are stored under
+their global indices and come out as the per-expert Hugging Face tensors.
+
 Every stored tensor's shape is checked against the architecture before anything is
 written (`mcore_checkpoint.stream_load`), and the output appears atomically.
 """
@@ -123,8 +126,10 @@ def _training_source(step_dir: Path, *, hf_dir, tokenizer_dir, chosen_because: s
                      f"config only; pass --tokenizer-dir to add one")
     if (model_dir / "generation_config.json").is_file():
         files["generation_config.json"] = (model_dir / "generation_config.json").read_bytes()
+    experts = f" × EP {layout['ep']} × ETP {layout.get('etp', 1)}" if arch.is_moe and "ep" in layout else ""
     description = (f"{step_dir}: training checkpoint of step {state.get('step')}{chosen_because}; architecture "
-                   f"from {config_path}, tokenizer from {token_dir}; written at TP {layout['tp']} × PP {layout['pp']}")
+                   f"from {config_path}, tokenizer from {token_dir}; written at TP {layout['tp']} × PP {layout['pp']}"
+                   f"{experts}")
     return ExportSource(step_dir, arch, padded_vocab_size(arch.vocab_size, int(layout["tp"])),
                         getattr(torch, model.get("params_dtype") or "float32"), description, files,
                         {key: hf_config[key] for key in TOKEN_ID_KEYS if key in hf_config}, tuple(notes))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a Megatron-Core checkpoint of this recipe as a Hugging Face Qwen3 directory.
+"""Write a Megatron-Core checkpoint of this recipe as a Hugging Face Qwen3 (or Qwen3-MoE) directory.
 
     python tools/mcore_to_hf.py --mcore-dir runs/sdpg/checkpoints/step_00000040 --out runs/sdpg/hf
     python tools/mcore_to_hf.py --mcore-dir runs/sdpg/checkpoints --out runs/sdpg/hf   # its latest step
@@ -10,7 +10,9 @@ architecture and tokenizer come from the run's model.hf_dir / model.tokenizer_di
 --hf-dir / --tokenizer-dir replace when those paths are not reachable from here. Reads one
 parameter at a time from a checkpoint saved at any layout, writes size-bounded safetensors
 shards plus config.json and the tokenizer files, atomically. transformers'
-`from_pretrained` and vLLM load the result.
+`from_pretrained` and vLLM load the result. Qwen3-MoE experts come out as the published
+checkpoints' per-expert tensors (model.layers.{i}.mlp.experts.{e}.gate_proj.weight, ...),
+whatever expert-parallel layout wrote them.
 """
 
 import argparse

@@ -8,6 +8,12 @@ records the architecture and its vocabulary padding in `sdpg_model.json`, so any
 can load it (the padding fixes which TP sizes divide it). The way back reads the trainer's
 own checkpoints too (`write_hf_from_mcore`; `sdpg_megatron/export.py` finds their
 architecture through the run's config).
+
+Qwen3-MoE converts the same way: the meta model is the MoE model at EP1 (every expert
+local), whose `sharded_state_dict()` stores each layer's experts as one tensor with a
+global expert axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight`, [L, E, 2I, H]),
+so the checkpoint loads at any expert-parallel size dividing num_experts, with
+Megatron's SequentialMLP or transformer-engine's grouped GEMM alike.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _meta_model(arch: Qwen3Arch, padded_vocab: int, dtype: torch.dtype):
+    """The TP1/PP1 (and, for MoE, EP1/ETP1: global expert indices) model on the meta device."""
     config = transformer_config(arch, params_dtype=dtype)
     return build_meta_model(lambda: model_provider(arch, config, padded_vocab=padded_vocab))
 
@@ -56,15 +63,22 @@ def hf_to_mcore(
     *,
     tp: int,
     pp: int,
+    ep: int = 1,
+    etp: int | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Convert; returns {"tensors", "bytes", "seconds", "peak_rss_bytes"}."""
+    """Convert for a TP × PP (× EP × ETP for Qwen3-MoE) layout, checked before anything is
+    written; returns {"tensors", "bytes", "seconds", "peak_rss_bytes"}. The layout is recorded
+    in sdpg_model.json; only TP changes the bytes (the vocabulary padding). `etp` None: TP
+    at EP 1 (where Megatron splits experts like dense layers), else 1."""
     started = time.perf_counter()
     source = HFCheckpoint(hf_dir)
     arch = source.arch
-    check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp)
+    if etp is None:
+        etp = tp if ep == 1 and arch.is_moe else 1
+    check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, expert_tensor_parallel=etp)
     source.validate()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -82,12 +96,15 @@ def hf_to_mcore(
             bar.update(1)
             return tensor
 
-        info = {"arch": dataclasses.asdict(arch), "padded_vocab": padded_vocab, "dtype": str(dtype).removeprefix("torch."),
-                "converted_for": {"tensor_parallel": tp, "pipeline_parallel": pp}, "source": str(Path(hf_dir).resolve())}
+        converted_for = {"tensor_parallel": tp, "pipeline_parallel": pp, "expert_parallel": ep,
+                         "expert_tensor_parallel": etp}
+        info = {"arch": dataclasses.asdict(arch), "padded_vocab": padded_vocab,
+                "dtype": str(dtype).removeprefix("torch."), "converted_for": converted_for,
+                "source": str(Path(hf_dir).resolve())}
         extra_files = {MODEL_INFO: json.dumps(info, indent=2).encode(),
                        **{f"{HF_ASSETS}/{name}": data for name, data in hf_asset_files(hf_dir).items()}}
-        stats = stream_save(meta, {name: functools.partial(produce, name) for name in names}, out_dir, overwrite=overwrite,
-                            extra_files=extra_files)
+        stats = stream_save(meta, {name: functools.partial(produce, name) for name in names}, out_dir,
+                            overwrite=overwrite, extra_files=extra_files)
         bar.close()
     stats["seconds"] = time.perf_counter() - started
     stats["peak_rss_bytes"] = peak_rss_bytes()
@@ -159,12 +176,17 @@ def read_model_info(mcore_dir: str | os.PathLike) -> tuple[Qwen3Arch, int, torch
 
 def check_mcore_source(mcore_dir: str | os.PathLike, arch: Qwen3Arch, padded_vocab: int, *, tp: int) -> None:
     """ValueError unless `mcore_dir` holds `arch` with the vocabulary padding a TP-`tp`
-    model uses (checked before any rank reads a tensor)."""
+    model uses (checked before any rank reads a tensor). The message names the fields that
+    differ: a dense checkpoint for a mixture-of-experts config, or other experts."""
     saved_arch, saved_padded, _ = read_model_info(mcore_dir)
     if saved_arch != arch:
+        differences = "; ".join(f"{name}={getattr(saved_arch, name)!r} there, {getattr(arch, name)!r} in model.hf_dir"
+                                for name in (f.name for f in dataclasses.fields(arch))
+                                if getattr(saved_arch, name) != getattr(arch, name))
         raise ValueError(
-            f"model.mcore_dir={mcore_dir} holds {saved_arch}, but model.hf_dir describes {arch}; convert that "
-            f"Hugging Face directory with tools/hf_to_mcore.py"
+            f"model.mcore_dir={mcore_dir} holds {_describe(saved_arch)}, but model.hf_dir describes {_describe(arch)} "
+            f"({differences}); convert model.hf_dir into model.mcore_dir again with tools/hf_to_mcore.py "
+            f"(--overwrite), or point model.mcore_dir at a conversion of model.hf_dir"
         )
     if saved_padded != padded_vocab:
         raise ValueError(
@@ -173,17 +195,43 @@ def check_mcore_source(mcore_dir: str | os.PathLike, arch: Qwen3Arch, padded_voc
         )
 
 
+def _describe(arch: Qwen3Arch) -> str:
+    if not arch.is_moe:
+        return "a dense Qwen3"
+    return (f"a Qwen3-MoE with {arch.num_experts} experts (top-{arch.experts_per_token}, "
+            f"width {arch.moe_ffn_hidden_size})")
+
+
 def load_mcore_weights(module: torch.nn.Module, mcore_dir: str | os.PathLike) -> None:
     """Load a model-only Megatron checkpoint into `module` (collective: every rank reads
-    just its own TP/PP shards through dist_checkpointing)."""
+    just its own TP/PP/EP shards through dist_checkpointing). A checkpoint of another model
+    (a dense one for a mixture-of-experts model, other experts) is a ValueError naming
+    model.mcore_dir; `check_mcore_source` says which fields differ before any rank reads."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    state = dist_checkpointing.load(module.sharded_state_dict(), str(mcore_dir))
+    try:
+        state = dist_checkpointing.load(module.sharded_state_dict(), str(mcore_dir))
+    except (CheckpointingException, CheckpointException) as error:  # torch's: a BaseException wrapping Megatron's
+        raise ValueError(f"model.mcore_dir={mcore_dir} does not hold this model's tensors ({_cause(error)}); "
+                         f"convert model.hf_dir into it with tools/hf_to_mcore.py") from None
     with torch.no_grad():
         result = module.load_state_dict(state, strict=False)  # strict=False: TE _extra_state
     missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
     if missing:
-        raise ValueError(f"model.mcore_dir={mcore_dir} has no {missing[:3]} ({len(missing)} missing); is it this model?")
+        raise ValueError(f"model.mcore_dir={mcore_dir} has no {missing[:3]} ({len(missing)} missing); "
+                         f"is it this model?")
+
+
+def _cause(error: BaseException, limit: int = 400) -> str:
+    """The first line of the first rank's exception inside torch's CheckpointException (or of `error`)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
-"""Reading and writing Hugging Face Qwen3 directories, one tensor at a time.
+"""Reading and writing Hugging Face Qwen3 (and Qwen3-MoE) directories, one tensor at a time.
 
 `HFCheckpoint` opens `config.json` plus `model.safetensors` or a sharded
 `model.safetensors.index.json` lazily: only the safetensors headers are parsed up front,
 and a tensor is read with plain file reads when asked for (no memory map, whose touched
-pages would pile up in the converter's resident memory). Then `validate()` checks names and shapes against the architecture before any conversion
+pages would pile up in the converter's resident memory). Then `validate()` checks names
+and shapes against the architecture (for Qwen3-MoE: the router and the per-expert
+tensors, `model.layers.{i}.mlp.experts.{e}.gate_proj.weight` ...) before any conversion
 writes a byte. `write_hf_checkpoint` streams tensors into size-bounded safetensors shards
 inside a temporary sibling directory and renames it into place only when complete.
 """
@@ -171,11 +173,18 @@ def expected_hf_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
         "layernorm.weight": (hidden,),
         "norm.weight": (hidden,),
     }
+    expert = {  # Qwen3-MoE: the router and one expert's SwiGLU of width moe_ffn_hidden_size
+        "mlp.gate.weight": (arch.num_experts, hidden),
+        "gate_proj.weight": (arch.moe_ffn_hidden_size, hidden),
+        "up_proj.weight": (arch.moe_ffn_hidden_size, hidden),
+        "down_proj.weight": (hidden, arch.moe_ffn_hidden_size),
+    }
     shapes = {}
     for _, hf_names, _ in rules_for(arch):
         for name in hf_names:
-            suffix = next(s for s in by_suffix if name.endswith(s))
-            shapes[name] = by_suffix[suffix]
+            table = expert if ".mlp.experts." in name or name.endswith(".mlp.gate.weight") else by_suffix
+            suffix = next(s for s in table if name.endswith(s))
+            shapes[name] = table[suffix]
     return shapes
 
 

@@ -200,6 +200,8 @@ def from_hf_config(hf_config: dict, *, source: str = "config.json") -> Qwen3Arch
 def _moe_fields(hf_config: dict, source: str) -> dict:
     """Qwen3Arch's expert fields of a qwen3_moe config; ValueError for the variants the
     Megatron model here does not build (dense layers between sparse ones, shared experts)."""
+    if "num_experts" not in hf_config and "num_local_experts" in hf_config:  # transformers 5's save_pretrained
+        hf_config = {**hf_config, "num_experts": hf_config["num_local_experts"]}
     missing = [key for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if key not in hf_config]
     if missing:
         raise ValueError(f"{source}: a qwen3_moe config needs {missing}")
