@@ -89,6 +89,8 @@ def test_megatron_moe_logits_match_transformers(parity_results, layout):
     tp, ep, pp = layout
     world = 2 if layout in WORLD_2 else 4
     last_stage = [r for r in parity_results[layout] if r]
+    print(f"tp{tp} ep{ep} pp{pp}: max |Δlogits| {max(r['logits_max_abs_diff'] for r in last_stage):.2e}, "
+          f"max |Δ fused log-prob| {max(r['fused_logprob_max_abs_diff'] for r in last_stage):.2e}")
     assert len(last_stage) == world // pp  # every last-stage rank reported
     for result in last_stage:
         assert result["ep_size"] == ep
