@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--out-dir", help="run directory: metrics, TensorBoard, checkpoints")
     parser.add_argument("--tp", type=int, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, help="pipeline-parallel size")
+    parser.add_argument("--ep", type=int, help="expert-parallel size (mixture-of-experts models)")
+    parser.add_argument("--etp", type=int, help="expert-tensor-parallel size (mixture-of-experts models)")
     parser.add_argument("--steps", type=int, help="schedule.total_steps")
     parser.add_argument("--seed", type=int, help="schedule.seed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -43,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     plan = parser.add_argument_group("dry run (no GPUs needed)")
     plan.add_argument("--dry-run", action="store_true",
                       help="check config, parallel layout and per-GPU memory for --world-size ranks; print them and exit")
-    plan.add_argument("--world-size", type=int, help="trainer ranks (default TP × PP)")
+    plan.add_argument("--world-size", type=int,
+                      help="trainer ranks (default TP × PP, or the fewest whose TP × DP holds EP × ETP)")
     plan.add_argument("--gpus-per-node", type=int, help="trainer GPUs per node (TP must stay inside one)")
     plan.add_argument("--rollout-gpus", type=int, help="GPUs for the vLLM fleet (checks engines × engine TP fit)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
@@ -62,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             apply_preset(config, args.preset)
         shortcuts = {
             "model.hf_dir": args.hf_dir, "logging.out_dir": args.out_dir, "parallel.tensor_parallel": args.tp,
-            "parallel.pipeline_parallel": args.pp, "schedule.total_steps": args.steps, "schedule.seed": args.seed,
+            "parallel.pipeline_parallel": args.pp, "parallel.expert_parallel": args.ep,
+            "parallel.expert_tensor_parallel": args.etp, "schedule.total_steps": args.steps, "schedule.seed": args.seed,
         }
         apply_overrides(config, [f"{key}={value}" for key, value in shortcuts.items() if value is not None])
         if args.train_data:
@@ -89,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def dry_run(config: Config, *, world_size: int | None, gpus_per_node: int | None, rollout_gpus: int | None,
             gpu_memory_gib: float = 80.0, arch_name: str | None = None) -> str:
     """The launch checks of `layout.plan_layout` on this machine (no GPUs, no torch.distributed):
-    returns the resolved config, layout and memory table; raises ValueError naming the fix."""
+    returns the resolved config, layout and memory table; raises ValueError naming the fix.
+    The parallel sizes, expert ones included, are `config.parallel`'s (--tp/--pp/--ep/--etp)."""
     from sdpg_megatron.layout import plan_layout
     from sdpg_megatron.model.convert import read_model_info
     from sdpg_megatron.model.mcore_checkpoint import is_checkpoint
@@ -114,8 +120,10 @@ def dry_run(config: Config, *, world_size: int | None, gpus_per_node: int | None
         notes.append(f"model.mcore_dir={mcore_dir} does not exist yet: the job converts {config.model.hf_dir} into it")
     benchmarks = [spec.partition("=")[2] for spec in config.evaluation.benchmarks]
     notes += [f"not found here: {path}" for path in (*config.data.train_files, *benchmarks) if not Path(path).exists()]
-    tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
-    layout = plan_layout(config, arch, world_size=world_size or tp * pp, gpus_per_node=gpus_per_node,
+    par = config.parallel
+    # the fewest ranks for the layout: TP × PP, with DP enough for EP × ETP to divide TP × DP
+    fewest = par.pipeline_parallel * math.lcm(par.tensor_parallel, par.expert_parallel * par.expert_tensor_parallel)
+    layout = plan_layout(config, arch, world_size=world_size or fewest, gpus_per_node=gpus_per_node,
                          gpu_memory_gib=gpu_memory_gib, rollout_gpus=rollout_gpus, padded_vocab=padded_vocab)
     algo, sched = config.algorithm, config.schedule
     header = (f"{algo.name}: {sched.total_steps} steps, lr {config.optimizer.lr}, β_base {algo.beta_base}, "

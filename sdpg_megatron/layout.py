@@ -2,138 +2,39 @@
 
 `plan_layout` checks everything a launch can get wrong before it queues for GPUs — the
 world size against TP × PP, TP against the model's heads, query groups, FFN width and
-padded vocabulary, PP against the layer count, each PPO mini-batch against the
+padded vocabulary, PP against the layer count, EP and ETP against the experts and each
+stage's TP × DP ranks, each PPO mini-batch against the
 data-parallel size (exactly `experience.minibatch_sample_ids`' rule), the rollout fleet
 against its GPUs and vLLM's head rules — and raises `ValueError` naming the field or flag
 and the fix. It then estimates the bytes every trainer GPU holds at its peak and refuses a
 layout that does not fit (unless `allow_overflow=True`).
 
-The memory model mirrors what `model/training.py` and `passes.py` build, per GPU of
-pipeline stage i with P_i parameters (its TP shard; norms replicated):
-
-- weights          P_i · e, e = 2 B for model.params_dtype=bfloat16, 4 B for float32;
-- gradients        P_i · 4 (Megatron DDP with grad_reduce_in_fp32=True);
-- optimizer state  Adam m and v in fp32, plus fp32 main params when the params are bf16:
-                   12 B (bf16) or 8 B (fp32) per parameter, divided by DP with the
-                   distributed optimizer;
-- reference        P_i · e for the frozen π_ref when the algorithm uses it;
-- activations      one training micro-batch of b = micro_batch_size sequences of
-                   s = max_prompt_tokens + max_response_tokens tokens; without
-                   recomputation, per layer
-                       e · s · b · (4h / sp + (4·a·d + 4·g·d + 5·f) / tp)
-                   for a Transformer-Engine layer: the block input and normalised input
-                   of both the attention and the MLP (4h, replicated over TP, or split
-                   over it with parallel.sequence_parallel: sp = tp, else 1); the fused
-                   QKV output, the reshaped query the q-norm saves, the roped q and k, a
-                   contiguous v and the attention output (4ad + 4gd over TP); Megatron's
-                   unfused SwiGLU: fc1 output (2f), SiLU output, x_linear +
-                   glu_linear_offset and the product fc2 saves (5f over TP; the MLP's
-                   count checked with saved-tensor hooks on CPU). This is Korthikanti et
-                   al.'s 34·s·b·h count redone for GQA, an explicit head_dim and SwiGLU;
-                   flash attention keeps no s² term. Flash/cuDNN attention needs 16-bit
-                   inputs, so fp32 params add Korthikanti's unfused-attention term
-                   5·a·s²·b/tp · e/2. Stage i of the 1F1B schedule holds
-                   min(pp − i, micro-batches) micro-batches of its layers, so the first
-                   stage holds the most, and PP does not shrink it (layers/pp × pp).
-                   With parallel.recompute_granularity=full a unit of layers keeps only
-                   its input (e·s·b·h / sp): "uniform" units of k = recompute_num_layers layers,
-                   plus one unit re-materialised (k layers' count) during its backward;
-                   "block" recomputes the first k layers of the stage one at a time, the
-                   rest keep their count, plus one layer re-materialised. "selective"
-                   (core attention) drops the unfused-attention term from every layer and
-                   adds it back for the one layer being recomputed;
-- teacher states   last stage: the teacher's final hidden states at the response
-                   positions of the whole mini-batch slice of this DP rank,
-                   samples_per_rank · max_response_tokens · h · e (held from the teacher
-                   pass until the student pass ends);
-- loss buffers     last stage: the fused vocab-parallel loss's three [chunk, V/tp] fp32
-                   buffers (chunk as `vocab_parallel` picks it on CUDA, `chunks.chunk_tokens`
-                   of its `CHUNK_BYTES`) and the micro-batch's response hidden states it
-                   saves (b · r · h · e);
-- overhead         a fixed 3 GiB: CUDA context, NCCL buffers, allocator fragmentation.
-
-The activation count is that of Transformer Engine's layer spec, which the trainer builds
-on GPUs with transformer-engine installed; a GPU without it gets Megatron's local spec
-(unfused attention, [s, s] scores per layer), which `model.provider` logs as a warning.
-Lengths are upper bounds (a step pads to its longest sequence), and transient buffers
-(the backward's gradient tensors, the forward-only teacher/reference passes, weight-push
-buckets) are left to the margin: a layout fits when its largest stage needs at most 90%
-of the GPU. The rollout side is checked against vLLM's own rules (heads divisible by the
-engine TP; KV heads divisible by it, or it by them) and, given `rollout_gpus`, for
-weights and a KV cache that holds at least one full-length sequence.
+The estimate is `memory_model`'s (its module docstring has the formulas): per trainer GPU
+of each pipeline stage, weights, gradients, optimizer state, π_ref, activations, teacher
+states, loss buffers and overhead, with a mixture-of-experts model's experts in rows of
+their own. Transient buffers are left to the margin: a layout fits when its largest stage
+needs at most 90% of the GPU. The rollout side is checked against vLLM's own rules (heads
+divisible by the engine TP; KV heads divisible by it, or it by them) and, given
+`rollout_gpus`, for weights and a KV cache that holds at least one full-length sequence.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sdpg_megatron.config import Config, validate
 from sdpg_megatron.experience import padded_length
+from sdpg_megatron.memory_model import (
+    ENGINE_RUNTIME_BYTES, EXPERT_ITEMS, GIB, MemoryEstimate, RolloutEstimate, expert_stage_parameters,
+    rollout_estimate, stage_memory, stage_parameters,
+)
 from sdpg_megatron.model.provider import (
     check_layout, check_recompute, check_sequence_parallel, divisors, resolve_padded_vocab,
 )
 from sdpg_megatron.model.qwen3 import Qwen3Arch
-from sdpg_megatron.parallel.chunks import chunk_tokens
-from sdpg_megatron.parallel.vocab_parallel import CHUNK_BYTES
 
-GIB = 2**30
 FIT_FRACTION = 0.9  # a layout fits when its largest stage needs at most this share of the GPU
-CUDA_OVERHEAD_BYTES = 3 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
-ENGINE_RUNTIME_BYTES = 2 * GIB  # vLLM's activation peak and CUDA context beside weights and KV cache
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "auto": 2}
-
-
-@dataclass(frozen=True, kw_only=True)
-class MemoryEstimate:
-    """Peak bytes on one GPU of pipeline stage `stage` (see the module docstring)."""
-
-    stage: int
-    weights: int
-    gradients: int
-    optimizer_state: int
-    reference_weights: int
-    activations: int
-    teacher_states: int
-    loss_buffers: int
-    overhead: int
-
-    def items(self) -> list[tuple[str, int]]:
-        return [(name, getattr(self, name)) for name in (
-            "weights", "gradients", "optimizer_state", "reference_weights",
-            "activations", "teacher_states", "loss_buffers", "overhead",
-        )]
-
-    @property
-    def total(self) -> int:
-        return sum(value for _, value in self.items())
-
-    @property
-    def largest(self) -> tuple[str, int]:
-        return max(self.items(), key=lambda item: item[1])
-
-
-@dataclass(frozen=True, kw_only=True)
-class RolloutEstimate:
-    """One vLLM engine GPU: its weight shard and the KV cache left for sequences."""
-
-    num_engines: int
-    engine_tensor_parallel: int
-    dtype: str
-    weights_per_gpu: int
-    kv_cache_per_gpu: int  # rollout.kv_cache_bytes, or what gpu_memory_utilization leaves
-    kv_bytes_per_token: int  # per GPU
-    max_model_len: int
-    budget_per_gpu: int  # gpu_memory_utilization × GPU memory; the whole GPU with an explicit KV cache size
-    explicit_kv_cache: bool
-
-    @property
-    def num_gpus(self) -> int:
-        return self.num_engines * self.engine_tensor_parallel
-
-    @property
-    def full_length_sequences(self) -> int:
-        """Sequences of max_model_len tokens one engine's KV cache holds at once."""
-        return max(0, self.kv_cache_per_gpu) // (self.kv_bytes_per_token * self.max_model_len)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,12 +47,16 @@ class Layout:
     tp: int
     pp: int
     dp: int
+    ep: int  # expert parallel (1 for dense models)
+    etp: int  # expert tensor parallel
+    expert_dp: int  # expert data parallel: TP × DP / (EP × ETP)
     layers_per_stage: int
     heads_per_rank: int
     query_groups_per_rank: int
     padded_vocab: int
     vocab_shard: int
-    params_per_stage: tuple[int, ...]
+    params_per_stage: tuple[int, ...]  # all of a GPU's parameters, experts included
+    expert_params_per_rank: int  # of which experts (the same on every stage)
     params_dtype: str
     sequence_length: int
     max_prompt_tokens: int
@@ -171,6 +76,10 @@ class Layout:
     def params_per_rank(self) -> int:
         """Parameters on the GPU of the largest stage."""
         return max(self.params_per_stage)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.arch.num_experts // self.ep
 
     @property
     def samples_per_minibatch(self) -> int:
@@ -217,16 +126,27 @@ class Layout:
             nodes = f" (one node of {self.gpus_per_node})"
         elif self.gpus_per_node:
             nodes = f" ({self.world_size // self.gpus_per_node} nodes × {self.gpus_per_node})"
+        if a.is_moe:
+            model = (f"Qwen3-MoE {_count(a.num_parameters())} ({_count(a.active_parameters())} active): "
+                     f"{a.num_layers} layers, hidden {a.hidden_size}, {a.num_attention_heads} heads / "
+                     f"{a.num_query_groups} KV heads, {a.num_experts} experts of FFN {a.moe_ffn_hidden_size}, "
+                     f"top-{a.experts_per_token}")
+            experts = (f", EP {self.ep} × ETP {self.etp} ({self.experts_per_rank} experts per rank, "
+                       f"expert DP {self.expert_dp})")
+            split = (f" = {_count(self.params_per_rank - self.expert_params_per_rank)} non-expert + "
+                     f"{_count(self.expert_params_per_rank)} expert")
+        else:
+            model = (f"Qwen3 {_count(a.num_parameters())}: {a.num_layers} layers, hidden {a.hidden_size}, "
+                     f"{a.num_attention_heads} heads / {a.num_query_groups} KV heads, FFN {a.ffn_hidden_size}")
+            experts = split = ""
         lines = [
-            f"model      Qwen3 {_count(a.num_parameters())}: {a.num_layers} layers, hidden {a.hidden_size}, "
-            f"{a.num_attention_heads} heads / {a.num_query_groups} KV heads, FFN {a.ffn_hidden_size}, "
-            f"{'tied' if a.tied_embeddings else 'untied'} embeddings, {self.params_dtype} params",
-            f"trainer    {self.world_size} GPUs{nodes}: TP {self.tp} × PP {self.pp} × DP {self.dp}"
+            f"model      {model}, {'tied' if a.tied_embeddings else 'untied'} embeddings, {self.params_dtype} params",
+            f"trainer    {self.world_size} GPUs{nodes}: TP {self.tp} × PP {self.pp} × DP {self.dp}{experts}"
             + (", sequence parallel" if self.sequence_parallel else ""),
             f"  stages     {self.layers_per_stage} layers per stage; per TP rank {self.heads_per_rank} heads, "
             f"{self.query_groups_per_rank} KV heads",
             f"  vocabulary {a.vocab_size:,} padded to {self.padded_vocab:,}; {self.vocab_shard:,} rows per TP rank",
-            f"  parameters {_count(self.params_per_rank)} per GPU (largest stage)"
+            f"  parameters {_count(self.params_per_rank)} per GPU (largest stage){split}"
             + (f"; per stage {', '.join(_count(p) for p in self.params_per_stage)}" if self.pp > 1 else ""),
             f"  sequence   {self.sequence_length:,} tokens = {self.max_prompt_tokens:,} prompt + "
             f"{self.max_response_tokens:,} response (student and teacher views alike: the teacher "
@@ -240,13 +160,17 @@ class Layout:
         # the first stage holds the most activations, the last the teacher states and the
         # loss; stages between hold less than the first
         shown = [self.memory_per_stage[0]] + ([self.memory_per_stage[-1]] if self.pp > 1 else [])
-        lines.append("memory     per GPU, GiB  " + "".join(f"{f'stage {e.stage}':>10}" for e in shown))
-        for index, (name, _) in enumerate(m.items()):
-            lines.append(f"  {name:<22}" + "".join(f"{e.items()[index][1] / GIB:>10.2f}" for e in shown))
+        rows = [(index, name) for index, (name, _) in enumerate(m.items())
+                if a.is_moe or name not in EXPERT_ITEMS]  # a dense model has no expert rows
+        width = max(22, *(len(name) for _, name in rows))
+        lines.append(f"{'memory     per GPU, GiB':<{width + 3}}" + "".join(f"{f'stage {e.stage}':>10}" for e in shown))
+        for index, name in rows:
+            lines.append(f"  {name:<{width}}" + "".join(f"{e.items()[index][1] / GIB:>10.2f}" for e in shown))
         verdict = "fits" if self.trainer_fits else "DOES NOT FIT"
         lines.append(
-            f"  {'total':<22}" + "".join(f"{e.total / GIB:>10.2f}" for e in shown)
-            + f"   of {self.budget_bytes / GIB:.1f} ({FIT_FRACTION:.0%} of {self.gpu_memory_bytes / GIB:.0f}): {verdict}"
+            f"  {'total':<{width}}" + "".join(f"{e.total / GIB:>10.2f}" for e in shown)
+            + f"   of {self.budget_bytes / GIB:.1f} ({FIT_FRACTION:.0%} of {self.gpu_memory_bytes / GIB:.0f}): "
+            f"{verdict}"
         )
         r = self.rollout
         of = f" (of {self.rollout_gpus})" if self.rollout_gpus is not None else ""
@@ -288,14 +212,18 @@ def plan_layout(
     """
     validate(config)
     par, sched = config.parallel, config.schedule
-    tp, pp = par.tensor_parallel, par.pipeline_parallel
+    tp, pp, ep, etp = par.tensor_parallel, par.pipeline_parallel, par.expert_parallel, par.expert_tensor_parallel
     _check_world(world_size, tp, pp, gpus_per_node)
-    check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp)  # Megatron's own requirements
+    # Megatron's own requirements (and EP / ETP only for mixture-of-experts models)
+    check_layout(arch, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, expert_tensor_parallel=etp)
     check_recompute(arch, pipeline_parallel=pp, granularity=par.recompute_granularity, method=par.recompute_method,
                     num_layers=par.recompute_num_layers)
     check_sequence_parallel(tensor_parallel=tp, sequence_parallel=par.sequence_parallel)
     padded = resolve_padded_vocab(arch, tp, padded_vocab)
     dp = world_size // (tp * pp)
+    _check_experts(arch, world_size=world_size, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
+                   sequence_parallel=par.sequence_parallel)
+    expert_dp = tp * dp // (ep * etp)
     _check_batch(config, dp, pp)
     _check_rollout_split(config, arch, gpus_per_node, rollout_gpus)
     sequence_length = padded_length(config.data.max_prompt_tokens + config.rollout.max_response_tokens)
@@ -305,64 +233,30 @@ def plan_layout(
             f"the model's max_position_embeddings={arch.max_position_embeddings}; shorten them"
         )
 
-    params = stage_parameters(arch, tp=tp, pp=pp, padded_vocab=padded)
+    params = stage_parameters(arch, tp=tp, pp=pp, padded_vocab=padded, ep=ep, etp=etp)
+    expert_params = expert_stage_parameters(arch, pp=pp, ep=ep, etp=etp)
     memory = tuple(
-        _stage_memory(config, arch, stage=i, params=p, dp=dp, padded_vocab=padded, sequence_length=sequence_length)
+        stage_memory(config, arch, stage=i, params=p, expert_params=expert_params, dp=dp, expert_dp=expert_dp,
+                      padded_vocab=padded, sequence_length=sequence_length)
         for i, p in enumerate(params)
     )
     gpu_memory_bytes = int(gpu_memory_gib * GIB)
     layout = Layout(
-        arch=arch, world_size=world_size, gpus_per_node=gpus_per_node, tp=tp, pp=pp, dp=dp,
-        layers_per_stage=arch.num_layers // pp, heads_per_rank=arch.num_attention_heads // tp,
+        arch=arch, world_size=world_size, gpus_per_node=gpus_per_node, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
+        expert_dp=expert_dp, layers_per_stage=arch.num_layers // pp, heads_per_rank=arch.num_attention_heads // tp,
         query_groups_per_rank=arch.num_query_groups // tp, padded_vocab=padded, vocab_shard=padded // tp,
-        params_per_stage=params, params_dtype=config.model.params_dtype, sequence_length=sequence_length,
+        params_per_stage=params, expert_params_per_rank=expert_params, params_dtype=config.model.params_dtype,
+        sequence_length=sequence_length,
         max_prompt_tokens=config.data.max_prompt_tokens, max_response_tokens=config.rollout.max_response_tokens,
         prompts_per_step=sched.prompts_per_step, group_size=config.algorithm.group_size,
         minibatches_per_step=sched.minibatches_per_step, micro_batch_size=sched.micro_batch_size,
         sequence_parallel=par.sequence_parallel, recompute=_describe_recompute(par),
         memory_per_stage=memory, gpu_memory_bytes=gpu_memory_bytes,
-        rollout=_rollout_estimate(config, arch, gpu_memory_bytes, sequence_length), rollout_gpus=rollout_gpus,
+        rollout=rollout_estimate(config, arch, gpu_memory_bytes, sequence_length), rollout_gpus=rollout_gpus,
     )
     if not allow_overflow:
         _raise_unless_fits(layout, config)
     return layout
-
-
-def stage_parameters(arch: Qwen3Arch, *, tp: int, pp: int, padded_vocab: int) -> tuple[int, ...]:
-    """Parameters on one GPU of each pipeline stage, as Megatron holds them.
-
-    Linear weights are split over TP, norms replicated; the first stage holds the [V/tp, H]
-    embedding, the last the final norm and the [V/tp, H] output layer — a second copy of
-    the embedding when the weights are tied and PP > 1 (Megatron keeps the two in sync)."""
-    h, d, f = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    linear = h * (q + 2 * kv) + q * h + 3 * h * f  # QKV, projection, fc1 (gate + up), fc2
-    per_layer = linear // tp + 2 * h + 2 * d  # input and pre-MLP norms, q and k norms
-    embedding = padded_vocab // tp * h
-    stages = []
-    for stage in range(pp):
-        count = arch.num_layers // pp * per_layer
-        if stage == 0:
-            count += embedding
-        if stage == pp - 1:
-            count += h  # final norm
-            if not (arch.tied_embeddings and pp == 1):
-                count += embedding
-        stages.append(count)
-    return tuple(stages)
-
-
-def activation_bytes_per_layer(arch: Qwen3Arch, *, tp: int, sequence_length: int, micro_batch_size: int,
-                               bytes_per_value: int, flash_attention: bool, sequence_parallel: bool = False) -> int:
-    """Bytes one layer saves for backward for one micro-batch (module docstring's formula)."""
-    h, d, f = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
-    a, g = arch.num_attention_heads, arch.num_query_groups
-    s, b = sequence_length, micro_batch_size
-    sp = tp if sequence_parallel else 1
-    saved = bytes_per_value * s * b * (4 * h // sp + (4 * a * d + 4 * g * d + 5 * f) // tp)
-    if not flash_attention:
-        saved += 5 * a * s * s * b // tp * bytes_per_value // 2
-    return saved
 
 
 def _describe_recompute(parallel) -> str:
@@ -374,27 +268,6 @@ def _describe_recompute(parallel) -> str:
     if parallel.recompute_method == "uniform":
         return f"full, uniform units of {k} layer{'s' if k > 1 else ''}"
     return f"full, the first {k} layer{'s' if k > 1 else ''} of each stage"
-
-
-def activation_bytes(arch: Qwen3Arch, parallel, *, sequence_length: int, micro_batch_size: int, bytes_per_value: int,
-                     flash_attention: bool, in_flight: int) -> int:
-    """Bytes a pipeline stage keeps for backward with `in_flight` micro-batches in flight,
-    under `parallel`'s recompute_* settings (module docstring)."""
-    tp, layers = parallel.tensor_parallel, arch.num_layers // parallel.pipeline_parallel
-    granularity, k = parallel.recompute_granularity, parallel.recompute_num_layers
-    sizes = dict(tp=tp, sequence_length=sequence_length, micro_batch_size=micro_batch_size, bytes_per_value=bytes_per_value,
-                 sequence_parallel=parallel.sequence_parallel)
-    per_layer = activation_bytes_per_layer(arch, flash_attention=flash_attention, **sizes)
-    sp = tp if parallel.sequence_parallel else 1
-    unit_input = bytes_per_value * sequence_length * micro_batch_size * arch.hidden_size // sp
-    if granularity == "full" and parallel.recompute_method == "uniform":
-        return in_flight * (layers // k) * unit_input + k * per_layer
-    if granularity == "full":  # block: the first k layers of the stage
-        return in_flight * (k * unit_input + (layers - k) * per_layer) + per_layer
-    if granularity == "selective":
-        without_attention = activation_bytes_per_layer(arch, flash_attention=True, **sizes)
-        return in_flight * layers * without_attention + (per_layer - without_attention)
-    return in_flight * layers * per_layer
 
 
 # --------------------------------------------------------------------------- checks
@@ -422,6 +295,32 @@ def _check_world(world_size: int, tp: int, pp: int, gpus_per_node: int | None) -
         raise ValueError(
             f"--world-size {world_size} over nodes of --gpus-per-node {gpus_per_node}: use whole nodes, and a "
             f"parallel.tensor_parallel that divides {gpus_per_node} (got {tp}) so no TP group spans two nodes"
+        )
+
+
+def _check_experts(arch: Qwen3Arch, *, world_size: int, tp: int, pp: int, dp: int, ep: int, etp: int,
+                   sequence_parallel: bool) -> None:
+    """Megatron's expert layout (EP × ETP regroups each stage's TP × DP ranks) and its MoE
+    layer's refusal of TP > 1 without sequence parallelism; `check_layout` has already
+    refused EP / ETP > 1 for a dense model and EP / ETP that do not divide the experts."""
+    if not arch.is_moe:
+        return
+    per_stage = tp * dp
+    if per_stage % (ep * etp):
+        # (at EP 1 check_layout wants ETP = TP)
+        valid = [n for n in divisors(arch.num_experts) if per_stage % (n * etp) == 0 and (n > 1 or etp == tp)]
+        choices = f"choose parallel.expert_parallel (--ep) from {valid} or " if valid else ""
+        raise ValueError(
+            f"config fields parallel.expert_parallel × parallel.expert_tensor_parallel = {ep} × {etp} must divide "
+            f"the TP × DP = {tp} × {dp} = {per_stage} ranks of each pipeline stage (Megatron regroups them as expert "
+            f"TP × EP × expert DP): at --world-size {world_size} {choices}use a world size that is a multiple "
+            f"of {pp * math.lcm(tp, ep * etp)}"
+        )
+    if tp > 1 and not sequence_parallel:
+        raise ValueError(
+            f"config field parallel.sequence_parallel: a mixture-of-experts model trains at tensor parallel size {tp} "
+            "only with sequence parallelism (Megatron's MoE layer refuses TP > 1 without it): set "
+            "parallel.sequence_parallel=true"
         )
 
 
@@ -481,63 +380,7 @@ def _check_rollout_split(config: Config, arch: Qwen3Arch, gpus_per_node: int | N
         )
 
 
-# --------------------------------------------------------------------------- memory
-
-
-def _stage_memory(config: Config, arch: Qwen3Arch, *, stage: int, params: int, dp: int, padded_vocab: int,
-                  sequence_length: int) -> MemoryEstimate:
-    sched, tp, pp = config.schedule, config.parallel.tensor_parallel, config.parallel.pipeline_parallel
-    bf16 = config.model.params_dtype == "bfloat16"
-    e = 2 if bf16 else 4
-    optimizer_bytes = params * (12 if bf16 else 8)
-    if config.optimizer.use_distributed_optimizer:
-        optimizer_bytes = -(-optimizer_bytes // dp)
-    samples_per_rank = sched.prompts_per_step // sched.minibatches_per_step * config.algorithm.group_size // dp
-    num_microbatches = -(-samples_per_rank // sched.micro_batch_size)
-    in_flight = min(pp - stage, num_microbatches)
-    activations = activation_bytes(
-        arch, config.parallel, sequence_length=sequence_length, micro_batch_size=sched.micro_batch_size,
-        bytes_per_value=e, flash_attention=bf16, in_flight=in_flight,
-    )
-    last = stage == pp - 1
-    response_tokens = sched.micro_batch_size * config.rollout.max_response_tokens
-    teacher = samples_per_rank * config.rollout.max_response_tokens * arch.hidden_size * e
-    loss = 0
-    if last:
-        vocab_shard = padded_vocab // tp
-        chunk = chunk_tokens(CHUNK_BYTES, "cuda", vocab_shard, buffers=1)
-        loss = 3 * min(chunk, response_tokens) * vocab_shard * 4 + response_tokens * arch.hidden_size * e
-    return MemoryEstimate(
-        stage=stage,
-        weights=params * e,
-        gradients=params * 4,
-        optimizer_state=optimizer_bytes,
-        reference_weights=params * e if config.algorithm.uses_reference else 0,
-        activations=activations,
-        teacher_states=teacher if last and config.algorithm.uses_teacher else 0,
-        loss_buffers=loss,
-        overhead=CUDA_OVERHEAD_BYTES,
-    )
-
-
-def _rollout_estimate(config: Config, arch: Qwen3Arch, gpu_memory_bytes: int, sequence_length: int) -> RolloutEstimate:
-    r = config.rollout
-    if r.dtype not in _DTYPE_BYTES:
-        raise ValueError(f"config field rollout.dtype: {r.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
-    e, etp = _DTYPE_BYTES[r.dtype], r.engine_tensor_parallel
-    weights = arch.num_parameters() * e // etp
-    kv_heads_per_gpu = max(1, arch.num_query_groups // etp)
-    kv_per_token = 2 * arch.num_layers * kv_heads_per_gpu * arch.kv_channels * e
-    explicit = r.kv_cache_bytes is not None
-    # vLLM sizes the KV cache from gpu_memory_utilization unless it is given in bytes
-    budget = gpu_memory_bytes if explicit else int(r.gpu_memory_utilization * gpu_memory_bytes)
-    kv_cache = r.kv_cache_bytes if explicit else budget - weights - ENGINE_RUNTIME_BYTES
-    return RolloutEstimate(
-        num_engines=r.num_engines, engine_tensor_parallel=etp, dtype=r.dtype, weights_per_gpu=weights,
-        kv_cache_per_gpu=kv_cache, kv_bytes_per_token=kv_per_token,
-        max_model_len=config.data.max_prompt_tokens + r.max_response_tokens,
-        budget_per_gpu=budget, explicit_kv_cache=explicit,
-    )
+# --------------------------------------------------------------------------- fit
 
 
 def _rollout_problem(r: RolloutEstimate) -> str | None:
@@ -571,6 +414,12 @@ _ADVICE = {
     "teacher_states": "add data-parallel ranks (a larger --world-size) or raise schedule.minibatches_per_step",
     "loss_buffers": "raise parallel.tensor_parallel",
     "overhead": "use GPUs with more memory",
+    **dict.fromkeys(("expert_weights", "expert_gradients", "expert_reference_weights"),
+                    "raise parallel.expert_parallel (each GPU holds num_experts / EP experts of every layer of its "
+                    "stage) or parallel.pipeline_parallel"),
+    "expert_optimizer_state": "add trainer GPUs (a larger --world-size) with "
+                              "optimizer.use_distributed_optimizer=true: it spreads the experts' Adam state over "
+                              "all TP × DP ranks of a stage, whatever EP × ETP",
 }
 
 
@@ -578,12 +427,14 @@ def _raise_unless_fits(layout: Layout, config: Config) -> None:
     m = layout.memory
     if not layout.trainer_fits:
         name, value = m.largest
+        experts = f", EP {layout.ep} × ETP {layout.etp}" if layout.arch.is_moe else ""
         dtype_hint = "" if config.model.params_dtype == "bfloat16" else "; set model.params_dtype=bfloat16 first"
         raise ValueError(
             f"the trainer does not fit: stage {m.stage} needs {m.total / GIB:.1f} GiB per GPU at TP {layout.tp} × "
-            f"PP {layout.pp} × DP {layout.dp} (budget {layout.budget_bytes / GIB:.1f} GiB = {FIT_FRACTION:.0%} of "
-            f"{layout.gpu_memory_bytes / GIB:.0f}); the largest item is {name} ({value / GIB:.1f} GiB): "
-            f"{_ADVICE[name]}{dtype_hint}. Pass allow_overflow to plan anyway.\n{layout.describe()}"
+            f"PP {layout.pp} × DP {layout.dp}{experts} (budget {layout.budget_bytes / GIB:.1f} GiB = "
+            f"{FIT_FRACTION:.0%} of {layout.gpu_memory_bytes / GIB:.0f}); the largest item is {name} "
+            f"({value / GIB:.1f} GiB): {_ADVICE[name]}{dtype_hint}. Pass allow_overflow to plan anyway.\n"
+            f"{layout.describe()}"
         )
     if not layout.rollout_fits:
         problem = _rollout_problem(layout.rollout)

@@ -427,3 +427,49 @@ def driver_rank_fleet(rank: int, model_dir, *, max_model_len: int):
 
     return running_fleet(FleetSettings(num_engines=1, engine=EngineSettings(
         model_dir=model_dir, kv_cache_bytes=256 * 2**20, max_model_len=max_model_len, max_num_seqs=64)), num_cpus=2)
+
+
+# --------------------------------------------------------------------------- launch configs for the planner
+
+
+def make_config(*overrides: str):
+    """A GPU launch `Config` for `layout.plan_layout` (bf16 params and engines, vLLM sizing
+    its own KV cache)."""
+    from sdpg_megatron.config import Config, apply_overrides
+
+    return apply_overrides(Config(), [
+        "model.hf_dir=ckpt", "data.train_files=train.parquet", "model.params_dtype=bfloat16",
+        "rollout.dtype=bfloat16", "rollout.kv_cache_bytes=None", "rollout.gpu_memory_utilization=0.85",
+        *overrides,
+    ])
+
+
+def tiny_config(*overrides: str):
+    """make_config with small batches and sequences for the tiny model."""
+    return make_config(
+        "schedule.prompts_per_step=8", "schedule.minibatches_per_step=2", "algorithm.group_size=4",
+        "schedule.micro_batch_size=1", "data.max_prompt_tokens=24", "rollout.max_response_tokens=40",
+        "reward.overlong_buffer=8", *overrides,
+    )
+
+
+# name → (overrides, trainer world size, rollout GPUs): the layouts the sbatch scripts use
+# on nodes of 8 × 80 GiB GPUs (docs/method.md defaults; Qwen3-1.7B: 256 prompts, mini-batch 32,
+# responses ≤ 2048).
+RECOMMENDED = {
+    "qwen3-1.7b": (["parallel.tensor_parallel=2", "schedule.micro_batch_size=4", "schedule.prompts_per_step=256",
+                    "rollout.max_response_tokens=2048", "rollout.num_engines=4"], 4, 4),
+    "qwen3-4b": (["parallel.tensor_parallel=2", "schedule.micro_batch_size=2", "rollout.num_engines=4"], 4, 4),
+    "qwen3-8b": (["parallel.tensor_parallel=4", "schedule.micro_batch_size=2", "rollout.num_engines=8"], 8, 8),
+    "qwen3-14b": (["parallel.tensor_parallel=8", "schedule.micro_batch_size=2", "rollout.num_engines=4",
+                   "rollout.engine_tensor_parallel=2", "rollout.gpus_per_engine=2"], 16, 8),
+    "qwen3-32b": (["parallel.tensor_parallel=8", "parallel.pipeline_parallel=2", "schedule.micro_batch_size=1",
+                   "rollout.num_engines=4", "rollout.engine_tensor_parallel=2", "rollout.gpus_per_engine=2"], 32, 8),
+    "qwen3-30b-a3b": (["parallel.tensor_parallel=2", "parallel.expert_parallel=8", "parallel.sequence_parallel=true",
+                       "parallel.recompute_granularity=full", "schedule.micro_batch_size=2", "rollout.num_engines=4",
+                       "rollout.engine_tensor_parallel=2", "rollout.gpus_per_engine=2"], 16, 8),
+    "qwen3-235b-a22b": (["parallel.tensor_parallel=4", "parallel.pipeline_parallel=2", "parallel.expert_parallel=32",
+                         "parallel.sequence_parallel=true", "parallel.recompute_granularity=full",
+                         "schedule.micro_batch_size=1", "rollout.num_engines=4", "rollout.engine_tensor_parallel=8",
+                         "rollout.gpus_per_engine=8", "rollout.gpu_memory_utilization=0.9"], 128, 32),
+}

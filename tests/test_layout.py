@@ -1,32 +1,23 @@
-"""The dry-run launch planner: every divisibility rule by the field it names, a memory
-estimate checked item by item against hand arithmetic, and the launch layouts we
-recommend for Qwen3 1.7B–32B on 80 GiB GPUs."""
+"""The dry-run launch planner: every divisibility rule by the field it names, a dense
+model's memory estimate checked item by item against hand arithmetic, and the launch
+layouts we recommend for Qwen3 1.7B–32B, 30B-A3B and 235B-A22B on 80 GiB GPUs, the
+scripts' dry runs included. Mixture-of-experts layouts and memory: tests/test_layout_moe.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from sdpg_megatron.config import Config, apply_overrides
 from sdpg_megatron.experience import Sample, make_step_batch, minibatch_sample_ids
-from sdpg_megatron.layout import CUDA_OVERHEAD_BYTES, GIB, activation_bytes_per_layer, plan_layout, stage_parameters
+from sdpg_megatron.layout import plan_layout
+from sdpg_megatron.memory_model import CUDA_OVERHEAD_BYTES, GIB, activation_bytes_per_layer, stage_parameters
 from sdpg_megatron.model.qwen3 import QWEN3_PRESETS, qwen3_preset, qwen3_tiny, replace
 from sdpg_megatron.parallel.vocab_parallel import padded_vocab_size
+from tests.helpers import RECOMMENDED, make_config, tiny_config
 
-
-def make_config(*overrides: str) -> Config:
-    """A GPU launch config (bf16 params and engines, vLLM sizing its own KV cache)."""
-    return apply_overrides(Config(), [
-        "model.hf_dir=ckpt", "data.train_files=train.parquet", "model.params_dtype=bfloat16",
-        "rollout.dtype=bfloat16", "rollout.kv_cache_bytes=None", "rollout.gpu_memory_utilization=0.85",
-        *overrides,
-    ])
-
-
-def tiny_config(*overrides: str) -> Config:
-    """Small batches and sequences for the tiny model."""
-    return make_config(
-        "schedule.prompts_per_step=8", "schedule.minibatches_per_step=2", "algorithm.group_size=4",
-        "schedule.micro_batch_size=1", "data.max_prompt_tokens=24", "rollout.max_response_tokens=40",
-        "reward.overlong_buffer=8", *overrides,
-    )
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- divisibility
@@ -45,7 +36,8 @@ def test_tp_must_divide_attention_heads():
 
 
 def test_tp_must_divide_query_groups():
-    with pytest.raises(ValueError, match=r"tensor parallel size 4 \(parallel\.tensor_parallel, --tp\) does not divide num_query_groups=2"):
+    with pytest.raises(ValueError, match=r"tensor parallel size 4 \(parallel\.tensor_parallel, --tp\) does not divide "
+                                         r"num_query_groups=2"):
         plan_layout(tiny_config("parallel.tensor_parallel=4"), qwen3_tiny(), world_size=4)
 
 
@@ -56,7 +48,8 @@ def test_tp_must_divide_ffn_width():
 
 
 def test_pp_must_divide_layers_evenly():
-    with pytest.raises(ValueError, match=r"pipeline parallel size 5 \(parallel\.pipeline_parallel, --pp\) does not divide num_layers=36; "
+    with pytest.raises(ValueError, match=r"pipeline parallel size 5 \(parallel\.pipeline_parallel, --pp\) does not "
+                                         r"divide num_layers=36; "
                                          r"Megatron can split layers unevenly but this recipe does not"):
         plan_layout(make_config("parallel.pipeline_parallel=5"), qwen3_preset("qwen3-4b"), world_size=5)
 
@@ -65,7 +58,8 @@ def test_checkpoint_padded_vocab_must_suit_tp():
     arch = qwen3_preset("qwen3-4b")
     config = make_config("parallel.tensor_parallel=2")
     with pytest.raises(ValueError, match=r"the checkpoint's padded vocabulary 151937 must be >= vocab_size=151936 and "
-                                         r"divisible by the tensor parallel size 2 \(parallel\.tensor_parallel\); convert"):
+                                         r"divisible by the tensor parallel size 2 \(parallel\.tensor_parallel\); "
+                                         r"convert"):
         plan_layout(config, arch, world_size=2, padded_vocab=151_937, allow_overflow=True)
     with pytest.raises(ValueError, match=r"padded vocabulary 151808 must be >= vocab_size=151936"):
         plan_layout(config, arch, world_size=2, padded_vocab=151_808, allow_overflow=True)
@@ -116,12 +110,16 @@ def test_batch_rule_is_exactly_minibatch_sample_ids_rule(prompts, minibatches, g
 def test_micro_batches_must_have_one_shape_with_pipeline_parallelism():
     # 8 prompts / 2 mini-batches × G 4 = 16 responses per mini-batch, 8 per DP rank;
     # without PP a micro-batch larger than the slice is the whole slice
-    assert plan_layout(tiny_config("schedule.micro_batch_size=16"), qwen3_tiny(), world_size=2).micro_batches_per_minibatch == 1
+    assert plan_layout(tiny_config("schedule.micro_batch_size=16"), qwen3_tiny(),
+                       world_size=2).micro_batches_per_minibatch == 1
     # with PP every micro-batch must have the same shape (Megatron's P2P buffers)
-    with pytest.raises(ValueError, match=r"schedule\.micro_batch_size: 3 does not divide the 8 samples.*\[1, 2, 4, 8\]"):
-        plan_layout(tiny_config("schedule.micro_batch_size=3", "parallel.pipeline_parallel=2"), qwen3_tiny(), world_size=4)
+    with pytest.raises(ValueError, match=r"schedule\.micro_batch_size: 3 does not divide the 8 samples"
+                                         r".*\[1, 2, 4, 8\]"):
+        plan_layout(tiny_config("schedule.micro_batch_size=3", "parallel.pipeline_parallel=2"), qwen3_tiny(),
+                    world_size=4)
     # without PP a shorter last micro-batch is fine
-    assert plan_layout(tiny_config("schedule.micro_batch_size=3"), qwen3_tiny(), world_size=2).micro_batches_per_minibatch == 3
+    assert plan_layout(tiny_config("schedule.micro_batch_size=3"), qwen3_tiny(),
+                       world_size=2).micro_batches_per_minibatch == 3
 
 
 def test_sequence_must_fit_the_position_embeddings():
@@ -136,7 +134,8 @@ def test_sequence_must_fit_the_position_embeddings():
 
 def test_engines_must_fit_the_rollout_gpus():
     config = make_config("rollout.num_engines=4", "rollout.engine_tensor_parallel=2", "rollout.gpus_per_engine=2")
-    with pytest.raises(ValueError, match=r"rollout\.num_engines × rollout\.engine_tensor_parallel = 4 × 2 GPUs exceed "
+    with pytest.raises(ValueError, match=r"rollout\.num_engines × rollout\.engine_tensor_parallel = 4 × 2 GPUs "
+                                         r"exceed "
                                          r"--rollout-gpus 4"):
         plan_layout(config, qwen3_preset("qwen3-8b"), world_size=8, rollout_gpus=4, allow_overflow=True)
 
@@ -159,7 +158,8 @@ def test_engine_tp_follows_vllm_head_rules():
 
 
 def test_gpu_engines_need_gpus_in_their_bundle():
-    with pytest.raises(ValueError, match=r"rollout\.gpus_per_engine: 0\.0 .*set it to rollout\.engine_tensor_parallel=1"):
+    with pytest.raises(ValueError, match=r"rollout\.gpus_per_engine: 0\.0 "
+                                         r".*set it to rollout\.engine_tensor_parallel=1"):
         plan_layout(make_config("rollout.gpus_per_engine=0"), qwen3_preset("qwen3-4b"), world_size=8, rollout_gpus=4,
                     allow_overflow=True)
 
@@ -333,25 +333,13 @@ def test_activations_advice_names_recomputation():
 
 # --------------------------------------------------------------------------- recommended launches
 
-# name → (overrides, trainer world size, rollout GPUs): the layouts the sbatch scripts use
-# on nodes of 8 × 80 GiB GPUs (docs/method.md defaults; Qwen3-1.7B: 256 prompts, mini-batch 32,
-# responses ≤ 2048).
-RECOMMENDED = {
-    "qwen3-1.7b": (["parallel.tensor_parallel=2", "schedule.micro_batch_size=4", "schedule.prompts_per_step=256",
-                    "rollout.max_response_tokens=2048", "rollout.num_engines=4"], 4, 4),
-    "qwen3-4b": (["parallel.tensor_parallel=2", "schedule.micro_batch_size=2", "rollout.num_engines=4"], 4, 4),
-    "qwen3-8b": (["parallel.tensor_parallel=4", "schedule.micro_batch_size=2", "rollout.num_engines=8"], 8, 8),
-    "qwen3-14b": (["parallel.tensor_parallel=8", "schedule.micro_batch_size=2", "rollout.num_engines=4",
-                   "rollout.engine_tensor_parallel=2", "rollout.gpus_per_engine=2"], 16, 8),
-    "qwen3-32b": (["parallel.tensor_parallel=8", "parallel.pipeline_parallel=2", "schedule.micro_batch_size=1",
-                   "rollout.num_engines=4", "rollout.engine_tensor_parallel=2", "rollout.gpus_per_engine=2"], 32, 8),
-}
+# RECOMMENDED (tests/helpers.py): the layouts the sbatch scripts use on nodes of 8 × 80 GiB GPUs
 
 
 @pytest.mark.parametrize("name", sorted(RECOMMENDED))
 def test_recommended_layouts_fit_80_gib(name):
     overrides, world_size, rollout_gpus = RECOMMENDED[name]
-    if "rollout.gpus_per_engine=2" not in overrides:
+    if not any(o.startswith("rollout.gpus_per_engine=") for o in overrides):
         overrides = [*overrides, "rollout.gpus_per_engine=1"]
     layout = plan_layout(make_config(*overrides), qwen3_preset(name), world_size=world_size, gpus_per_node=8,
                          rollout_gpus=rollout_gpus)
@@ -359,6 +347,42 @@ def test_recommended_layouts_fit_80_gib(name):
     assert layout.rollout.full_length_sequences >= 16
     text = layout.describe()
     assert f"TP {layout.tp} × PP {layout.pp} × DP {layout.dp}" in text and "fits" in text
+
+
+SCRIPTS = {"sdpg_qwen3_32b.sh": "qwen3-32b", "sdpg_qwen3_30b_a3b.sh": "qwen3-30b-a3b",
+           "sdpg_qwen3_235b_a22b.sh": "qwen3-235b-a22b"}
+
+
+def _pasted_plan(script: Path) -> list[str]:
+    """The dry-run lines a script's header quotes (trainer, memory table, rollout), with
+    wrapped lines joined."""
+    lines = []
+    for line in script.read_text().splitlines():
+        if line.startswith("#   ") and line[4:].split(" ")[0] in ("trainer", "memory", "rollout"):
+            lines.append(line[4:])
+        elif lines and line.startswith("#              "):  # a wrapped line
+            lines[-1] += " " + line.strip("# ")
+        elif lines and line.startswith("#     "):  # a memory row
+            lines.append(line[4:])
+        elif lines:
+            break
+    return lines
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_dry_run_passes_and_matches_its_header(script, tmp_path):
+    """`bash examples/<script> --dry-run` plans the script's layout with its ARCH preset
+    (no checkpoint here) and prints the table its header quotes."""
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
+    env.pop("SDPG_VENV", None)
+    result = subprocess.run(["bash", str(ROOT / "examples" / script), "--dry-run"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.splitlines()
+    assert out[-1] == "dry run: OK" and f"planned with the {SCRIPTS[script]} preset" in result.stdout
+    printed = [line for line in out if line.split(" ")[0] in ("trainer", "rollout") or line.startswith("memory")]
+    start, end = out.index(printed[1]), out.index(printed[2])  # the memory table, header to total
+    assert _pasted_plan(ROOT / "examples" / script) == [printed[0], *out[start:end], printed[2]]
 
 
 @pytest.mark.parametrize("name", ["qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b"])

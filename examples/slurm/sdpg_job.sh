@@ -17,6 +17,9 @@
 #                                              the trainer's, or CPUs on a CPU-only job)
 #   ROLLOUT_CPUS      CPUs Ray may hand to engines (CPU-only jobs; GPU jobs: 1 per engine)
 #   TP PP             the trainer's tensor / pipeline parallel sizes
+#   EP ETP            optional, default 1: a mixture-of-experts model's expert / expert
+#                     tensor parallel sizes (the conversion's --ep/--etp; the script passes
+#                     them to the trainer in PARALLEL_ARGS as --ep/--etp, as it does TP/PP)
 #   the flag arrays MODEL_ARGS PARALLEL_ARGS ALGO_ARGS SCHEDULE_ARGS ROLLOUT_ARGS
 #                   DATA_ARGS EVAL_ARGS CHECKPOINT_ARGS (any `--set section.field=value`)
 #   PREPARE           optional: the arguments of $PYTHON that make the model when
@@ -34,6 +37,7 @@
 
 set -euo pipefail
 
+EP=${EP:-1} ETP=${ETP:-1}  # dense models: no expert parallelism
 TRAIN_ARGS=(
   "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${ALGO_ARGS[@]}" "${SCHEDULE_ARGS[@]}"
   "${ROLLOUT_ARGS[@]}" "${DATA_ARGS[@]}" "${EVAL_ARGS[@]}" "${CHECKPOINT_ARGS[@]}"
@@ -141,9 +145,9 @@ fi
 # tools/hf_to_mcore.py writes atomically: a preempted conversion leaves nothing at
 # $MCORE_DIR and simply runs again on the next start.
 if [[ ! -f $MCORE_DIR/metadata.json ]]; then
-  echo "sdpg_job: converting $HF_DIR → $MCORE_DIR (TP $TP, PP $PP)"
+  echo "sdpg_job: converting $HF_DIR → $MCORE_DIR (TP $TP, PP $PP, EP $EP, ETP $ETP)"
   srun --overlap --nodes=1 --ntasks=1 -w "${TRAIN_HOSTS[0]}" \
-    "$PYTHON" tools/hf_to_mcore.py --hf-dir "$HF_DIR" --out "$MCORE_DIR" --tp "$TP" --pp "$PP"
+    "$PYTHON" tools/hf_to_mcore.py --hf-dir "$HF_DIR" --out "$MCORE_DIR" --tp "$TP" --pp "$PP" --ep "$EP" --etp "$ETP"
 fi
 
 # ---------------------------------------------------------------- 4. the Ray cluster
