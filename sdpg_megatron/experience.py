@@ -18,6 +18,7 @@ lengths (docs/method.md, "Data").
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -37,6 +38,9 @@ class Sample:
     # at the fleet's version when it trains, so their difference is the sample's staleness:
     # 0 under rollout.mode=sync; 1 under one_step_off, 0 at its first step (docs/rollout.md).
     weight_version: int | None = None
+    # MoE models: the engine's expert ids [len(response), MoE layers, top_k] (Rollout.routed_experts),
+    # for the routing-mismatch metric (rollout/routing.py); None for dense models
+    rollout_routed_experts: Any = None
 
 
 @dataclass

