@@ -411,7 +411,7 @@ class Driver:
             groups[x.prompt_index].samples.append(Sample(
                 group=x.prompt_index, student_prompt=prompt.student_ids, teacher_prompt=prompt.teacher_ids,
                 response=list(x.token_ids), rollout_logprobs=list(x.logprobs), reward=reward, correct=correct,
-                weight_version=x.weight_version,
+                weight_version=x.weight_version, rollout_routed_experts=x.routed_experts,
             ))
         return groups, scored.counts
 

@@ -38,6 +38,7 @@ from sdpg_megatron.model.training import StepResult, build_frozen, build_policy,
 from sdpg_megatron.packing import pack_view, packing_multiples
 from sdpg_megatron.parallel import TokenStats, padded_vocab_size, vocab_parallel_token_stats
 from sdpg_megatron.parallel.groups import ParallelGroups
+from sdpg_megatron.rollout.routing import RoutingMismatchMeter, recorded_routing
 from sdpg_megatron.student_loss import LOSS_METRICS, PULL_TERMS, LossSettings, StudentLoss, takes_single_pass
 
 
@@ -138,10 +139,36 @@ class ModelPasses:
             backend=self.config.model.loss_backend,
         )
 
+    @property
+    def _experts_across_replicas(self) -> bool:
+        """Whether experts are split over ranks of different data-parallel replicas (EP > 1):
+        then every forward's all-to-all token dispatch needs all of them, so every rank of
+        the data-parallel group must run as many micro-batches in each pass."""
+        return self.arch.is_moe and self.groups.ep_size > 1
+
+    def _micro_batch_counts(self, count: int) -> tuple[int, int]:
+        """(fewest, most) micro-batches any data-parallel rank has for a pass (collective
+        when experts are split across replicas; (count, count) otherwise)."""
+        if not self._experts_across_replicas:
+            return count, count
+        counts = torch.tensor([count, -count], device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.groups.dp_group)
+        return -int(counts[1]), int(counts[0])
+
     def _forward_only(self, model, batch: StepBatch, mbs: list[MicroBatch], view: str,
-                      collect: Callable[[torch.Tensor, torch.Tensor, MicroBatch], torch.Tensor]) -> list[torch.Tensor]:
+                      collect: Callable[[torch.Tensor, torch.Tensor, MicroBatch], torch.Tensor], *,
+                      filler: list[MicroBatch] | None = None) -> list[torch.Tensor]:
         """Runs `model` forward-only on one view of `mbs`; on the last stage `collect(hidden
-        states at the response positions, output weight, micro-batch)` per micro-batch."""
+        states at the response positions, output weight, micro-batch)` per micro-batch.
+
+        With experts split across data-parallel replicas a rank with fewer micro-batches
+        than another runs repeats of its last one (or of `filler`'s) whose outputs are
+        dropped, so that the replicas' all-to-alls pair up."""
+        _, most = self._micro_batch_counts(len(mbs))
+        real = len(mbs)
+        mbs = mbs + [(mbs or filler)[-1]] * (most - real) if most > real else mbs
+        if not mbs:
+            return []
         module = getattr(model, "module", model)
         outputs: list[torch.Tensor] = []
 
@@ -155,7 +182,7 @@ class ModelPasses:
         length = batch.teacher_length if view == "teacher" else batch.student_length
         forward_only(model, forward_step, iter(mbs), num_microbatches=len(mbs), seq_length=length,
                      micro_batch_size=mbs[0].tokens.shape[0])
-        return outputs
+        return outputs[:real]
 
     # ------------------------------------------------------------------ passes
 
@@ -164,11 +191,25 @@ class ModelPasses:
         return self._forward_only(self.reference, batch, mbs, "student",
                                   lambda states, weight, mb: self._stats(states, weight, mb.targets).logprobs)
 
-    def old_logprobs(self, batch: StepBatch, mbs: list[MicroBatch]) -> list[torch.Tensor]:
+    def old_logprobs(self, batch: StepBatch, mbs: list[MicroBatch],
+                     routing: RoutingMismatchMeter | None = None) -> list[torch.Tensor]:
         """[N] log π_old(y_t) per micro-batch: the policy's own forward before the step's
-        first update (last stage; empty list elsewhere)."""
-        return self._forward_only(self.policy.model, batch, mbs, "student",
-                                  lambda states, weight, mb: self._stats(states, weight.detach(), mb.targets).logprobs)
+        first update (last stage; empty list elsewhere). With `routing` (mixture-of-experts
+        models whose samples carry the engine's routed experts) the forward's routing of the
+        response tokens is recorded and compared with the engine's, on every rank."""
+        def collect(states, weight, mb):
+            return self._stats(states, weight.detach(), mb.targets).logprobs
+
+        if routing is None:
+            return self._forward_only(self.policy.model, batch, mbs, "student", collect)
+        with recorded_routing(self.policy.model) as record:
+            old = self._forward_only(self.policy.model, batch, mbs, "student", collect)
+        engine = [sample.rollout_routed_experts for sample in batch.samples]
+        sp_group = self.groups.tp_group if self.config.parallel.sequence_parallel else None
+        for mb, forward in zip(mbs, record.take()):
+            routing.add_micro_batch(forward, self._model_input(mb, "student").response_mask, engine, mb.sample_ids,
+                                    record.layers, sequence_parallel_group=sp_group)
+        return old
 
     def mismatch_metrics(self, shapes: list[list[MicroBatch]], old: list[list[torch.Tensor]]) -> dict[str, float]:
         """Engine vs trainer on the sampled tokens, over the whole step (every rank gets it):
@@ -210,14 +251,14 @@ class ModelPasses:
         ids = [i for i in order if needed[i]]
         rows_per_mb = mbs[0].tokens.shape[0]
         outputs = []
-        if ids:
+        if ids or self._experts_across_replicas:  # a rank without needed samples still joins the all-to-alls
             # with PP and fixed shapes the stages exchange [s, micro-batch, H] of one size:
             # the last micro-batch is topped up with repeats (their rows dropped)
             filler = -len(ids) % rows_per_mb if self.groups.pp_size > 1 and not self.variable_shapes else 0
             budget = self.config.schedule.max_tokens_per_micro_batch
             teacher_mbs = micro_batches(batch, ids + ids[-1:] * filler, rows_per_mb, torch.zeros(len(batch.samples)),
-                                        0, device=mbs[0].tokens.device, max_tokens=budget)
-            outputs = self._forward_only(model, batch, teacher_mbs, "teacher", collect)
+                                        0, device=mbs[0].tokens.device, max_tokens=budget) if ids else []
+            outputs = self._forward_only(model, batch, teacher_mbs, "teacher", collect, filler=mbs)
         if not self.groups.is_last_stage:
             return []
         # each needed sample's first row in `states`: the teacher micro-batches keep the order
@@ -254,6 +295,13 @@ class ModelPasses:
         On the first mini-batch the policy still holds the weights the engines sampled
         with, so |log π_θ − log π_engine| there measures trainer/engine agreement
         ("rollout_logprob_abs_diff": numerics only, unless a weight push went wrong)."""
+        fewest, most = self._micro_batch_counts(len(mbs))
+        if fewest != most:  # every micro-batch trains: none can be repeated to pair the all-to-alls up
+            raise ValueError(
+                f"data-parallel ranks have {fewest} to {most} micro-batches in this mini-batch, but with experts split "
+                "across them (parallel.expert_parallel > 1) every rank must run as many: set "
+                "schedule.max_tokens_per_micro_batch=None (fixed micro_batch_size) for mixture-of-experts models"
+            )
         settings = LossSettings(
             config=self.config, group=self.groups.loss_tp_group, vocab_size=self.arch.vocab_size, step=step,
             single_pass=takes_single_pass(self.config), gated_token_scale=gated_token_scale,

@@ -25,7 +25,7 @@ from sdpg_megatron.data import (
     TEMPLATE_PHRASES, Problem, arithmetic_problems, build_char_tokenizer, column_addition_problems, render_prompt,
     sft_examples, student_content, write_dapo_parquet,
 )
-from sdpg_megatron.model.qwen3 import qwen3_tiny, to_hf_config
+from sdpg_megatron.model.qwen3 import qwen3_moe_tiny, qwen3_tiny, to_hf_config
 from sdpg_megatron.reward import extract_boxed
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class TinySettings:
     privileged: str = "answer"
     # the tokenizer holds the prompt templates' fixed text as single tokens (data.TEMPLATE_PHRASES)
     phrase_tokens: bool = False
+    # > 0: a Qwen3-MoE with this many experts (qwen3_moe_tiny: top-2, expert FFN 64) instead of dense
+    experts: int = 0
 
 
 def demo_settings(max_sft_steps: int = 1500) -> TinySettings:
@@ -113,12 +115,18 @@ def make_tiny_policy(out_dir: str | Path, settings: TinySettings | None = None) 
     write_dapo_parquet(train, train_data)
     write_dapo_parquet(held_out, eval_data)
 
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
-    arch = qwen3_tiny(vocab_size=len(tokenizer), tied_embeddings=True, num_layers=settings.num_layers)
-    hf_config = Qwen3Config(**to_hf_config(arch), eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = Qwen3ForCausalLM(hf_config).float()
+    if settings.experts:
+        arch = qwen3_moe_tiny(vocab_size=len(tokenizer), num_layers=settings.num_layers, num_experts=settings.experts)
+        config_class, model_class = transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM
+    else:
+        arch = qwen3_tiny(vocab_size=len(tokenizer), tied_embeddings=True, num_layers=settings.num_layers)
+        config_class, model_class = transformers.Qwen3Config, transformers.Qwen3ForCausalLM
+    hf_config = config_class(**to_hf_config(arch), eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = model_class(hf_config).float()
     examples = [_encode(tokenizer, prompt, _thinking_target(target, answer) if settings.thinking else target)
                 for (prompt, target), answer in zip(sft_examples(train, with_solution=with_solution),
                                                     (p.answer for p in train for _ in range(2)))]

@@ -36,6 +36,7 @@ from sdpg_megatron.experience import StepBatch, gated_token_scale, micro_batches
 from sdpg_megatron.model.training import set_rollout_step
 from sdpg_megatron.parallel.groups import ParallelGroups, destroy_parallel, initialize_parallel
 from sdpg_megatron.passes import ModelPasses
+from sdpg_megatron.rollout.routing import RoutingMismatchMeter
 
 logger = logging.getLogger("sdpg_megatron.train")
 
@@ -170,9 +171,16 @@ class Trainer:
         shapes = [self._micro_batches(batch, ids, torch.zeros(len(batch.samples))) for ids in plan]
         old, reference, mismatch = None, None, {}
         if recompute:
+            # mixture of experts: the engine's routing of each response against the trainer's
+            routing = RoutingMismatchMeter(self.arch.num_layers) if self.arch.is_moe and all(
+                s.rollout_routed_experts is not None for s in batch.samples) else None
             with timer("old_logprobs"):
-                old = [self.passes.old_logprobs(batch, mbs) for mbs in shapes]
+                old = [self.passes.old_logprobs(batch, mbs, routing) for mbs in shapes]
             mismatch = self.passes.mismatch_metrics(shapes, old)
+            if routing is not None:
+                groups = self.groups
+                mismatch.update(routing.reduce(tp_rank=groups.tp_rank, is_last_stage=groups.is_last_stage,
+                                               pp_group=groups.pp_group))
         if uses_reference:
             with timer("reference"):
                 reference = [self.passes.reference_logprobs(batch, mbs) for mbs in shapes]
