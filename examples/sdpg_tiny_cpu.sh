@@ -32,11 +32,13 @@ STEPS=${STEPS:-40}
 CHECKPOINT_INTERVAL=${CHECKPOINT_INTERVAL:-10}
 PREPARE=(-m sdpg_megatron.tiny --out "$TINY_DIR" --sft-steps "${SFT_STEPS:-400}")  # run by the job's $PYTHON
 
-# --- the job's share: 2 trainer ranks (CPU), 1 CPU for the engine
-TRAIN_NODES=1 TRAIN_GPUS_PER_NODE=2                           # ranks per node (gloo on a CPU-only job)
-ROLLOUT_NODES=0 ROLLOUT_GPUS_PER_NODE=0 ROLLOUT_CPUS=1
-TP=2 PP=1
-SBATCH_ARGS=()
+# --- the job's share: 2 trainer ranks (CPU), 1 CPU for the engine; across nodes (the tests'
+# two-node cluster) e.g. ROLLOUT_NODES=1 (engine on a node of its own) or TRAIN_NODES=2
+# TRAIN_GPUS_PER_NODE=1 TP=1 (DP2 across two nodes: TP stays inside a node)
+TRAIN_NODES=${TRAIN_NODES:-1} TRAIN_GPUS_PER_NODE=${TRAIN_GPUS_PER_NODE:-2}  # ranks per node (gloo on CPU)
+ROLLOUT_NODES=${ROLLOUT_NODES:-0} ROLLOUT_GPUS_PER_NODE=0 ROLLOUT_CPUS=1
+TP=${TP:-2} PP=1
+SBATCH_ARGS=(--nodes="$((TRAIN_NODES + ROLLOUT_NODES))")
 
 # --- the trainer's flags: the demo's settings (examples/tiny_cpu_demo.py)
 MODEL_ARGS=(--hf-dir "$HF_DIR" --set model.mcore_dir="$MCORE_DIR")

@@ -21,3 +21,22 @@ def slurm_cluster():
 
     with temporary_slurm_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2n():
+    """One two-node Slurm (node0 and node1, each in a network namespace of its own with its own
+    address on a private link) for the whole session; stopped, namespaces removed, at the end."""
+    from tests.slurm_cluster import temporary_slurm_cluster
+
+    with temporary_slurm_cluster(num_nodes=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny model and data of examples/sdpg_tiny_cpu.sh, made once for the Slurm example
+    tests on one node and on two (the script would make them on first start)."""
+    from tests.slurm_example import make_tiny_dir
+
+    return make_tiny_dir(tmp_path_factory.mktemp("tiny"))

@@ -1,4 +1,5 @@
-"""A throwaway single-node Slurm cluster on loopback, started and stopped by the tests.
+"""A throwaway Slurm cluster, started and stopped by the tests: one node on loopback, or two
+nodes in network namespaces of their own (`num_nodes=2`, see below).
 
 Everything lives under one directory the caller gives (keep it short, e.g. under /tmp:
 unix socket paths are limited to ~100 bytes): a fresh MUNGE key and munged with its own
@@ -11,14 +12,23 @@ points them at our munged.
         job_id = cluster.sbatch("#!/bin/bash\nsrun hostname\n", "--ntasks=1", wait=True)
         assert cluster.job_state(job_id) == "COMPLETED"
 
+With `num_nodes=2` the nodes are two hosts as far as the jobs can tell (tests/netns.py):
+each slurmd runs in its own network namespace with its own address on a veth link between
+them (10.250.0.1 and .2), its own hosts file and hostname (`node0`, `node1`); slurmctld
+runs on node0 at its link address. Everything else — the filesystem, munged's unix
+socket, the process table — is shared. Client commands must then run on node0 too:
+`run()`/`sbatch()` do so, and `exec_prefix` is the prefix for any other command (e.g. a
+script that calls sbatch itself).
+
 What it deliberately leaves out: accounting (no slurmdbd, so no `sacct`; finished jobs
 are read back from a jobcomp/filetxt log instead), cgroups (proctrack/linuxproc and
-task/none, which work in containers), memory as a consumable (CR_Core), and more than
-one node. All daemons run as the current user, which must be root: slurmd launches jobs.
+task/none, which work in containers), and memory as a consumable (CR_Core). All daemons
+run as the current user, which must be root: slurmd launches jobs.
 
 `stop()` stops only what `start()` started, by pid: jobs are cancelled first, then
-slurmd, slurmctld and munged get SIGTERM, then SIGKILL. The binaries come from
-tools/install_slurm.sh.
+slurmd, slurmctld and munged get SIGTERM, then SIGKILL; with two nodes, whatever still
+runs inside their namespaces is killed and the namespaces, link and hosts files removed,
+also when `start()` fails. The binaries come from tools/install_slurm.sh.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
+
+from tests.netns import NodeNetwork
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _INSTALL_HINT = f"run `bash {_REPO_ROOT / 'tools' / 'install_slurm.sh'}` (as root)"
@@ -86,16 +98,18 @@ def _tail(path: Path, num_lines: int) -> str:
 
 
 class SlurmCluster:
-    """One slurmctld + one slurmd + munged, all under `root_dir` (see the module docstring).
+    """One slurmctld + a slurmd per node + munged, all under `root_dir` (see the module docstring).
 
     Args:
         root_dir: an existing or new directory, short (≤ 60 chars), owned by this user;
             everything the cluster writes goes here. It is not removed by `stop()`.
         partition: name of the single, default partition.
-        start_timeout_s: how long `start()` waits for the node to become idle.
+        start_timeout_s: how long `start()` waits for the nodes to become idle.
+        num_nodes: 1 (loopback, the host's name) or 2 (namespaces `node0` and `node1`).
     """
 
-    def __init__(self, root_dir: str | os.PathLike, *, partition: str = "debug", start_timeout_s: float = 30.0):
+    def __init__(self, root_dir: str | os.PathLike, *, partition: str = "debug", start_timeout_s: float = 30.0,
+                 num_nodes: int = 1):
         self.root_dir = Path(root_dir).absolute()
         if len(str(self.root_dir)) > _MAX_ROOT_DIR_CHARS:
             raise ValueError(
@@ -105,7 +119,10 @@ class SlurmCluster:
             )
         self.partition = partition
         self.start_timeout_s = start_timeout_s
-        self.node_name = socket.gethostname().split(".")[0]
+        self.network = NodeNetwork(num_nodes) if num_nodes > 1 else None
+        self.node_names = self.network.node_names if self.network else [socket.gethostname().split(".")[0]]
+        self.node_addresses = self.network.addresses if self.network else ["127.0.0.1"]
+        self.node_name = self.node_names[0]  # the first node: slurmctld's, and where batch scripts run
         self.num_cpus = os.cpu_count() or 1
         self.conf_path = self.root_dir / "slurm.conf"
         self.munge_socket = self.root_dir / "munge.socket"
@@ -113,7 +130,7 @@ class SlurmCluster:
         self.slurmctld_port: int | None = None
         self.slurmd_port: int | None = None
         self._binaries: dict[str, str] = {}
-        self._daemons: dict[str, subprocess.Popen] = {}  # started order: munged, slurmctld, slurmd
+        self._daemons: dict[str, subprocess.Popen] = {}  # started order: munged, slurmctld, slurmd[-<node>]
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -130,7 +147,7 @@ class SlurmCluster:
         if os.geteuid() != 0:
             raise PermissionError("SlurmCluster needs root: slurmd launches the jobs and munged runs with --force")
         self._binaries = find_slurm_binaries()
-        for subdir in ("state", "spool", "jobs"):
+        for subdir in ("state", "spool", "jobs", *(f"spool/{name}" for name in self.node_names if self.network)):
             (self.root_dir / subdir).mkdir(parents=True, exist_ok=True)
         # munged refuses a key or socket directory that group/others may write to.
         self.root_dir.chmod(0o755)
@@ -142,15 +159,19 @@ class SlurmCluster:
         self.conf_path.write_text(self._slurm_conf())
         atexit.register(self.stop)
         try:
+            if self.network:
+                self.network.create()
             self._start_daemon("munged", [
                 "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={self.root_dir / 'munge.key'}",
                 f"--pid-file={self.root_dir / 'munged.pid'}", f"--log-file={self.root_dir / 'munged.log'}",
                 f"--seed-file={self.root_dir / 'munged.seed'}",
             ])
             self.wait_for(self.munge_socket.exists, timeout_s=10, what="munged's socket")
-            self._start_daemon("slurmctld", ["-D", "-f", str(self.conf_path)])
-            self._start_daemon("slurmd", ["-D", "-f", str(self.conf_path), "-N", self.node_name])
-            self.wait_for(lambda: self.node_state() == "idle", timeout_s=self.start_timeout_s, what="node idle")
+            self._start_daemon("slurmctld", ["-D", "-f", str(self.conf_path)], node=0)
+            for node, name in enumerate(self.node_names):
+                self._start_daemon(self._slurmd(node), ["-D", "-f", str(self.conf_path), "-N", name], node=node)
+            self.wait_for(lambda: all(self.node_state(name) == "idle" for name in self.node_names),
+                          timeout_s=self.start_timeout_s, what="nodes idle")
         except BaseException as error:
             logs = self.log_tail()
             self.stop()
@@ -164,17 +185,33 @@ class SlurmCluster:
         atexit.unregister(self.stop)
         if not self._daemons:
             return
-        if self._is_running("slurmctld"):
-            self._cancel_all_jobs(timeout_s)
-        for name in ("slurmd", "slurmctld", "munged"):
-            if name in self._daemons:
-                self._terminate(self._daemons[name], timeout_s)
-        self._kill_orphaned_steps()
-        self._daemons.clear()
+        try:
+            if self._is_running("slurmctld"):
+                self._cancel_all_jobs(timeout_s)
+            for name in [self._slurmd(node) for node in range(len(self.node_names))] + ["slurmctld", "munged"]:
+                if name in self._daemons:
+                    self._terminate(self._daemons[name], timeout_s)
+            self._kill_orphaned_steps()
+            self._daemons.clear()
+        finally:
+            if self.network:
+                self.network.remove()
+
+    def stop_daemon(self, name: str, timeout_s: float = 10.0) -> None:
+        """Stops one daemon (e.g. 'slurmd-node1': a node that goes away) by pid; the others run on."""
+        self._terminate(self._daemons.pop(name), timeout_s)
+
+    def exec_prefix(self, node: int = 0) -> list[str]:
+        """The prefix that runs a command on node `node` (in its namespace); [] for one node."""
+        return self.network.exec_prefix(node) if self.network else []
+
+    def _slurmd(self, node: int) -> str:
+        return "slurmd" if node == 0 else f"slurmd-{self.node_names[node]}"
 
     @property
     def daemon_pids(self) -> dict[str, int]:
-        """{'munged': pid, 'slurmctld': pid, 'slurmd': pid} for the daemons started and not yet stopped."""
+        """{'munged': pid, 'slurmctld': pid, 'slurmd': pid, ('slurmd-node1': pid)} for the daemons
+        started and not yet stopped."""
         return {name: process.pid for name, process in self._daemons.items()}
 
     @property
@@ -196,7 +233,7 @@ class SlurmCluster:
         Raises SlurmCommandError with its stderr when it exits non-zero, unless check=False.
         """
         result = subprocess.run(
-            list(args), env={**self.env, **(env or {})}, cwd=cwd, input=input,
+            [*self.exec_prefix(), *args], env={**self.env, **(env or {})}, cwd=cwd, input=input,
             capture_output=True, text=True, timeout=timeout_s,
         )
         if check and result.returncode != 0:
@@ -258,9 +295,10 @@ class SlurmCluster:
             raise SlurmCommandError(f"`scontrol show job {job_id}` exited {result.returncode}: {result.stderr.strip()}")
         return self._finished_job_states().get(job_id)
 
-    def node_state(self) -> str | None:
-        """sinfo's state of our node ('idle', 'mixed', 'allocated', 'down*', ...), None if unreachable."""
-        result = self.run("sinfo", "--noheader", f"--nodes={self.node_name}", "--format=%T", check=False)
+    def node_state(self, node_name: str | None = None) -> str | None:
+        """sinfo's state of a node, by default the first ('idle', 'mixed', 'allocated', 'down*', ...),
+        None if unreachable."""
+        result = self.run("sinfo", "--noheader", f"--nodes={node_name or self.node_name}", "--format=%T", check=False)
         return (result.stdout.strip() or None) if result.returncode == 0 else None
 
     def wait_for_state(self, job_id: int, states: str | set[str] | frozenset[str], timeout_s: float = 30.0) -> str:
@@ -292,7 +330,7 @@ class SlurmCluster:
         In the foreground (-D/-F) the daemons log everything, early fatal errors included,
         to stderr, captured in <daemon>.out; <daemon>.log has the same lines with timestamps.
         """
-        names = ("munged.out", "slurmctld.out", "slurmd.out")
+        names = ("munged.out", "slurmctld.out", *(f"{self._slurmd(i)}.out" for i in range(len(self.node_names))))
         return "\n".join(_tail(self.root_dir / name, num_lines) for name in names)
 
     # ---- internals ----------------------------------------------------------------------
@@ -307,10 +345,17 @@ class SlurmCluster:
 
     def _slurm_conf(self) -> str:
         root = self.root_dir
+        per_node = "/%n" if self.network else ""  # several slurmds: a spool dir, pid and log file each
+        # Every node offers all CPUs: with two nodes on one machine they share them.
+        nodes = "\n".join(
+            f"NodeName={name} NodeHostname={name} NodeAddr={address} CPUs={self.num_cpus} "
+            f"RealMemory={_memory_mib_for_slurm()} State=UNKNOWN"
+            for name, address in zip(self.node_names, self.node_addresses)
+        )
         return f"""\
-# Generated by tests/slurm_cluster.py: single-node test cluster on loopback.
+# Generated by tests/slurm_cluster.py: {len(self.node_names)}-node test cluster.
 ClusterName=sdpgtest
-SlurmctldHost={self.node_name}(127.0.0.1)
+SlurmctldHost={self.node_name}({self.node_addresses[0]})
 SlurmctldPort={self.slurmctld_port}
 SlurmdPort={self.slurmd_port}
 SlurmUser=root
@@ -320,11 +365,11 @@ CredType=cred/munge
 # Clients and daemons talk to our munged; cred_expire also sets how long a requeued job is held.
 AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
+SlurmdSpoolDir={root / 'spool'}{per_node}
 SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
+SlurmdPidFile={root / 'slurmd'}{per_node}.pid
 SlurmctldLogFile={root / 'slurmctld.log'}
-SlurmdLogFile={root / 'slurmd.log'}
+SlurmdLogFile={root / 'slurmd'}{per_node.replace('/', '-')}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={root / 'plugstack.conf'}
@@ -356,18 +401,19 @@ Waittime=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MessageTimeout=10
-NodeName={self.node_name} NodeHostname={self.node_name} NodeAddr=127.0.0.1 \
-    CPUs={self.num_cpus} RealMemory={_memory_mib_for_slurm()} State=UNKNOWN
-PartitionName={self.partition} Nodes={self.node_name} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName={self.partition} Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
 """
 
-    def _start_daemon(self, name: str, args: list[str]) -> None:
+    def _start_daemon(self, name: str, args: list[str], node: int | None = None) -> None:
         # --pdeathsig: the daemon gets SIGTERM if we die without calling stop(). The kernel ties
         # it to the starting *thread*, so start() from one that outlives the cluster (pytest's main).
+        # On a node (namespace) the prefix execs down to the daemon, which keeps the pid we stop.
         pdeathsig = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+        prefix = self.exec_prefix(node) if node is not None else []
         with open(self.root_dir / f"{name}.out", "ab") as output:
             self._daemons[name] = subprocess.Popen(
-                [*pdeathsig, self._binaries[name], *args], env=self.env, cwd=self.root_dir,
+                [*pdeathsig, *prefix, self._binaries[name.split("-")[0]], *args], env=self.env, cwd=self.root_dir,
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -7,6 +7,9 @@ fails loudly rather than skipping, so a broken install does not pass unnoticed.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,6 +92,49 @@ def test_stop_cancels_jobs_and_leaves_no_processes(slurm_cluster):
         assert cluster.daemon_pids == {}
         cluster.stop()  # idempotent
     assert slurm_cluster.node_state() == "idle"  # the other cluster was left alone
+
+
+def test_two_nodes_each_see_their_own_address_and_reach_each_other(slurm_cluster_2n):
+    cluster = slurm_cluster_2n
+    step = "echo $SLURMD_NODENAME $(hostname) $(hostname --ip-address) $(ip -o -4 addr show scope global | wc -l)"
+    result = cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--label", "bash", "-c", step)
+    lines = sorted(result.stdout.split("\n")[:-1])
+    assert lines == [f"0: node0 node0 {cluster.node_addresses[0]} 1", f"1: node1 node1 {cluster.node_addresses[1]} 1"]
+    reach = ("import socket; s = socket.create_connection(('node0', %d), timeout=5); print(s.getsockname()[0])"
+             % cluster.slurmctld_port)  # slurmctld listens on node0
+    result = cluster.run("srun", "--nodes=1", "-w", "node1", "python3", "-c", reach)
+    assert result.stdout.split() == [cluster.node_addresses[1]]
+
+
+def test_two_node_cluster_stops_by_pid_and_removes_its_network():
+    with temporary_slurm_cluster(num_nodes=2) as cluster:
+        pids, namespaces = cluster.daemon_pids, list(cluster.network.namespaces)
+        assert sorted(pids) == ["munged", "slurmctld", "slurmd", "slurmd-node1"]
+        job_id = cluster.sbatch("#!/bin/bash\nsrun --nodes=2 sleep 300\n", "--nodes=2")
+        cluster.wait_for_state(job_id, "RUNNING", timeout_s=15)
+        cluster.wait_for(lambda: len(cluster.network.pids()) > 4, timeout_s=15, what="the steps on both nodes")
+
+        cluster.stop()
+
+        for name, pid in pids.items():
+            assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) still running after stop()"
+        assert _pids_with_slurm_conf(cluster.conf_path) == set()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert not any(namespace in listed for namespace in namespaces)
+        assert cluster.network.hosts_dir is None
+
+
+def test_two_node_cluster_that_fails_to_start_removes_its_network(monkeypatch):
+    monkeypatch.setattr(SlurmCluster, "_slurm_conf", lambda self: "NotASlurmOption=1\n")
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"), num_nodes=2, start_timeout_s=5)
+    try:
+        with pytest.raises(RuntimeError, match="did not start"):
+            cluster.start()
+    finally:
+        shutil.rmtree(cluster.root_dir, ignore_errors=True)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert not any(namespace in listed for namespace in cluster.network.namespaces)
+    assert cluster.daemon_pids == {}
 
 
 def test_missing_binaries_name_the_install_script(monkeypatch, tmp_path):

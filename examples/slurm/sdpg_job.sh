@@ -111,8 +111,26 @@ if ((${#NODES[@]} == 1)); then
   HEAD_IP=${HEAD_IP:-127.0.0.1}
   export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 else
-  HEAD_IP=${HEAD_IP:-$(srun --overlap --nodes=1 --ntasks=1 -w "${ROLLOUT_HOSTS[0]}" hostname --ip-address | awk '{print $1}')}
+  if [[ -z ${HEAD_IP:-} ]]; then
+    HEAD_IP=$(srun --overlap --nodes=1 --ntasks=1 -w "${ROLLOUT_HOSTS[0]}" hostname --ip-address | awk '{print $1}') ||
+      HEAD_IP=""
+  fi
+  if [[ -z $HEAD_IP ]]; then
+    echo "sdpg_job: could not run a step on ${ROLLOUT_HOSTS[0]} (the Ray head's node; srun's error above):" \
+         "is its slurmd up and reachable?" >&2
+    exit 1
+  fi
+  if [[ $HEAD_IP == 127.* ]]; then
+    echo "sdpg_job: ${ROLLOUT_HOSTS[0]}'s hostname resolves to '${HEAD_IP}' there, which other nodes cannot reach;" \
+         "set HEAD_IP to its address on the cluster network" >&2
+    exit 2
+  fi
 fi
+# Each node's own address as the Ray head sees it: the source address of its route to the
+# head (Ray's default guess routes towards 8.8.8.8, which a cluster network may not have).
+LOCAL_ADDRESS='import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);
+s.connect((sys.argv[1], 9)); print(s.getsockname()[0])'
+node_ip() { srun --overlap --nodes=1 --ntasks=1 -w "$1" "$PYTHON" -c "$LOCAL_ADDRESS" "$HEAD_IP"; }
 RAY_PORT=${RAY_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 MASTER_PORT=${MASTER_PORT:-$((30000 + SLURM_JOB_ID % 10000))}
 RAY_TMP=/tmp/sdpg-ray-$SLURM_JOB_ID  # Ray's socket paths must stay short
@@ -153,12 +171,23 @@ fi
 # ---------------------------------------------------------------- 4. the Ray cluster
 # Head on the first rollout node, a worker on every other rollout node, each offering its
 # rollout GPUs (or CPUs). The trainer's first node joins with no resources when it is
-# not a rollout node: Ray's driver (trainer rank 0) needs a local raylet.
+# not a rollout node: Ray's driver (trainer rank 0) needs a local raylet. Every node
+# registers under its own address (node_ip); the driver finds its raylet by the same rule.
+declare -A RAY_HOST_OF=()  # node address → host, to name a node that does not join
+declare -A RAY_STEP_HOST=()  # pid of a node's `ray start` step → host, to name a node lost mid-run
 ray_node() {  # host, then `ray start` options
-  local host=$1; shift
+  local host=$1 ip; shift
+  if [[ $host == "${ROLLOUT_HOSTS[0]}" ]]; then ip=$HEAD_IP; else ip=$(node_ip "$host") || ip=""; fi
+  if [[ -z $ip ]]; then
+    echo "sdpg_job: could not run a step on $host (srun's error above): is its slurmd up and reachable?" >&2
+    exit 1
+  fi
+  RAY_HOST_OF[$ip]=$host
   srun --overlap --nodes=1 --ntasks=1 -w "$host" --kill-on-bad-exit=0 \
-    bash -c "$ROLLOUT_GPU_SELECT exec $PYTHON -m ray.scripts.scripts start --block --disable-usage-stats $*" &
+    bash -c "$ROLLOUT_GPU_SELECT exec $PYTHON -m ray.scripts.scripts start --block --disable-usage-stats \
+             --node-ip-address=$ip $*" &
   BACKGROUND+=($!)
+  RAY_STEP_HOST[$!]=$host
 }
 if ((ROLLOUT_NODES == 0 && ROLLOUT_GPUS_PER_NODE > 0)); then
   # shared node: the rollout GPUs are the ones after the trainer's
@@ -167,7 +196,7 @@ else
   ROLLOUT_GPU_SELECT=""
 fi
 RAY_RESOURCES="--num-gpus=$ROLLOUT_GPUS_PER_NODE --num-cpus=${ROLLOUT_CPUS:-$((ROLLOUT_GPUS_PER_NODE > 0 ? ROLLOUT_GPUS_PER_NODE : 1))}"
-ray_node "${ROLLOUT_HOSTS[0]}" --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --temp-dir="$RAY_TMP" \
+ray_node "${ROLLOUT_HOSTS[0]}" --head --port="$RAY_PORT" --temp-dir="$RAY_TMP" \
   --include-dashboard=false $RAY_RESOURCES
 RAY_NODES=1
 for host in "${ROLLOUT_HOSTS[@]:1}"; do
@@ -178,11 +207,28 @@ if [[ ! " ${ROLLOUT_HOSTS[*]} " =~ " ${TRAIN_HOSTS[0]} " ]]; then
   ROLLOUT_GPU_SELECT="" ray_node "${TRAIN_HOSTS[0]}" --address="$HEAD_IP:$RAY_PORT" --num-gpus=0 --num-cpus=0
   RAY_NODES=$((RAY_NODES + 1))
 fi
-COUNT_NODES="import ray; ray.init(address='$HEAD_IP:$RAY_PORT', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
-deadline=$((SECONDS + 180))
-until joined=$(timeout 30 "$PYTHON" -c "$COUNT_NODES" 2>/dev/null | tail -1) && ((${joined:-0} >= RAY_NODES)); do
+# The addresses of the nodes that have joined, from a client on the head's own node.
+LIST_NODES="import ray; ray.init(address='$HEAD_IP:$RAY_PORT', logging_level='ERROR')
+print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"
+RAY_JOIN_TIMEOUT=${RAY_JOIN_TIMEOUT:-180}
+deadline=$((SECONDS + RAY_JOIN_TIMEOUT))
+while true; do
+  joined=$(timeout 30 srun --overlap --nodes=1 --ntasks=1 -w "${ROLLOUT_HOSTS[0]}" "$PYTHON" -c "$LIST_NODES" \
+           2>/dev/null | tail -1) || joined=""
+  missing=()
+  for ip in "${!RAY_HOST_OF[@]}"; do
+    [[ " $joined " == *" $ip "* ]] || missing+=("${RAY_HOST_OF[$ip]} ($ip)")
+  done
+  ((${#missing[@]} == 0)) && break
+  for pid in "${!RAY_STEP_HOST[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "sdpg_job: the Ray node on ${RAY_STEP_HOST[$pid]} exited before the cluster was up (its output above)" >&2
+      exit 1
+    fi
+  done
   if ((SECONDS > deadline)); then
-    echo "sdpg_job: after 180 s only ${joined:-0} of $RAY_NODES Ray nodes have joined $HEAD_IP:$RAY_PORT" >&2
+    echo "sdpg_job: after $RAY_JOIN_TIMEOUT s node(s) ${missing[*]} have not joined the Ray cluster at" \
+         "$HEAD_IP:$RAY_PORT; see their \`ray start\` output above" >&2
     exit 1
   fi
   sleep 2
@@ -205,14 +251,41 @@ TORCHRUN=(
 )
 printf -v TRAIN_COMMAND '%q ' "${TORCHRUN[@]}"
 printf -v TRAIN_FLAGS '%q ' "${TRAIN_ARGS[@]}" --set "rollout.ray_address=$HEAD_IP:$RAY_PORT"
-srun --overlap --nodes="$TRAIN_NODES" --ntasks-per-node=1 -w "$(IFS=,; echo "${TRAIN_HOSTS[*]}")" --kill-on-bad-exit=1 \
+# --ntasks: not the allocation's (a step inherits SLURM_NTASKS), one torchrun per trainer node
+srun --overlap --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --ntasks-per-node=1 \
+  -w "$(IFS=,; echo "${TRAIN_HOSTS[*]}")" --kill-on-bad-exit=1 \
   bash -c "$TRAIN_GPU_SELECT exec $TRAIN_COMMAND --node-rank \$SLURM_PROCID -m sdpg_megatron.train $TRAIN_FLAGS" &
 TRAINER=$!
+# While the trainer runs, every Ray node's step must too: a node that loses its Ray (its
+# raylet dies, the node goes away) stops the run here, naming the node, within a few
+# seconds rather than when some request to it times out. The job then fails; resubmitting
+# it resumes from the last checkpoint.
+LOST_NODE=""
+while kill -0 "$TRAINER" 2>/dev/null && [[ -z $LOST_NODE ]]; do
+  for pid in "${!RAY_STEP_HOST[@]}"; do
+    kill -0 "$pid" 2>/dev/null || LOST_NODE=${RAY_STEP_HOST[$pid]}
+  done
+  sleep 2  # a trapped signal (USR1) runs after it
+done
+if [[ -n $LOST_NODE ]]; then
+  echo "sdpg_job: node $LOST_NODE lost its Ray node (its \`ray start\` step ended) during the run;" \
+       "stopping the trainer" >&2
+  kill -TERM "$TRAINER" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 "$TRAINER" 2>/dev/null || break; sleep 1; done
+  kill -KILL "$TRAINER" 2>/dev/null || true
+fi
 # `wait` returns early when a trapped signal (USR1) arrives; keep waiting for the trainer.
 status=0
 while true; do
   wait "$TRAINER" && status=0 || status=$?
   kill -0 "$TRAINER" 2>/dev/null || break
 done
+if [[ -z $LOST_NODE ]] && ((status != 0)); then  # the trainer may have failed first, over a node's loss
+  for pid in "${!RAY_STEP_HOST[@]}"; do kill -0 "$pid" 2>/dev/null || LOST_NODE=${RAY_STEP_HOST[$pid]}; done
+fi
+if [[ -n $LOST_NODE ]]; then
+  echo "sdpg_job: run stopped: node $LOST_NODE lost its Ray node (trainer exit status $status)" >&2
+  exit 1
+fi
 echo "sdpg_job: trainer exited with status $status"
 exit "$status"

@@ -354,6 +354,13 @@ def connect_ray(temp_dir: str | os.PathLike | None = None, address: str | None =
                   runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     if address is None:
         kwargs.update(num_cpus=num_cpus, _temp_dir=str(temp_dir) if temp_dir else None)
+    elif ":" in address and "://" not in address:
+        # The raylet of *this* host, found by its address as the head sees it: Ray's own guess
+        # takes any raylet it sees on this host (several on a test machine) or the head's.
+        head, port = address.rsplit(":", 1)
+        node_ip = transfer.local_address(head, int(port))
+        if not node_ip.startswith("127."):  # a one-host job on loopback: Ray's own choice is right
+            kwargs.update(_node_ip_address=node_ip)
     ray.init(**kwargs)
 
 

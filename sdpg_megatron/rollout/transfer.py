@@ -10,7 +10,9 @@ the metadata alone and always completes the broadcast, even for a bucket it then
 The groups are built from a TCPStore of their own and never touch `torch.distributed`'s
 default group, which on the trainer is Megatron's and in a worker is vLLM's. Backend
 "gloo" moves CPU (and CUDA) tensors over TCP; "nccl" is the GPU path. One group per engine
-means a restarted engine rejoins without disturbing the others.
+means a restarted engine rejoins without disturbing the others. Each end's gloo device
+binds the address from which this host reaches the store (`local_address`), not whatever
+the hostname resolves to (often 127.0.1.1, which a peer on another host cannot reach).
 
 The worker end is `SdpgWeightTransferEngine` in `worker_extension.py`, registered with
 vLLM's `WeightTransferEngineFactory`.
@@ -95,7 +97,10 @@ def open_group(address: GroupAddress, rank: int, store: dist.Store | None = None
         store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False, timeout=timeout)
     store = dist.PrefixStore("sdpg-weights", store)
     if address.transport == "gloo":
-        return dist.ProcessGroupGloo(store, rank, address.world_size, timeout)
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address(address.host, address.port))]
+        return dist.ProcessGroupGloo(store, rank, address.world_size, options)
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = timeout
     return dist.ProcessGroupNCCL(store, rank, address.world_size, options)
@@ -122,6 +127,14 @@ def update_info(bucket: WeightBucket) -> dict:
         "dtype_name": str(bucket.flat.dtype).removeprefix("torch."),
         "numel": int(bucket.flat.numel()),
     }
+
+
+def local_address(host: str, port: int) -> str:
+    """The address of this host from which `host` is reached (the source address of the route
+    to it; no packet is sent): the host itself when it is one of ours, loopback included."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(host), port))
+        return probe.getsockname()[0]
 
 
 def _host_address() -> str:
