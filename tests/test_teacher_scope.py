@@ -51,10 +51,10 @@ def _step(tp: int, pp: int, scope: str, mode: str = "stats") -> dict:
         teacher_batches = []
         forward_only = passes._forward_only
 
-        def counting(model, batch, mbs, view, collect):
+        def counting(model, batch, mbs, view, collect, **options):
             if view == "teacher":
                 teacher_batches.append(len(mbs))
-            return forward_only(model, batch, mbs, view, collect)
+            return forward_only(model, batch, mbs, view, collect, **options)
 
         passes._forward_only = counting
         batch, advantages = _batch()
